@@ -1,0 +1,5 @@
+import sys
+
+from qlora_recipes.cli import main
+
+sys.exit(main())

@@ -1,0 +1,194 @@
+"""Command line: `python -m qlora_recipes VERB [hydra overrides]`.
+
+run       compose -> resolve -> write the run dir -> train (or stop there with dry_run=true)
+show      the resolved recipe, which option each group took, what `auto` became, the derived values
+validate  compose, resolve and build the library objects; loads no weights
+ls        the recipes with one line each
+train     train the recipe in an existing run dir (what `run` and launched workers call)
+
+Errors a user can cause print as one message and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qlora_recipes import plan, rundir
+from qlora_recipes.compose import compose, recipe_description, recipe_files, with_default_recipe
+from qlora_recipes.errors import RecipeError
+from qlora_recipes.resolve import Resolved, probe_device, resolve
+
+EXIT_USER_ERROR = 2
+
+
+def resolve_overrides(overrides: list[str]) -> tuple[Resolved, dict[str, str]]:
+    cfg, choices = compose(with_default_recipe(overrides))
+    return resolve(cfg, probe_device()), choices
+
+
+def plan_summary(resolved: Resolved, output_dir: str | Path) -> dict[str, Any]:
+    recipe = resolved.recipe
+    return {
+        "from_pretrained": plan.model_kwargs(recipe),
+        "BitsAndBytesConfig": plan.bnb_kwargs(recipe),
+        "LoraConfig": plan.lora_kwargs(recipe),
+        "SFTConfig": plan.sft_kwargs(recipe, output_dir),
+        "accelerate": plan.accelerate_config(recipe, on_cpu=resolved.device.kind == "cpu"),
+    }
+
+
+def print_notes(resolved: Resolved) -> None:
+    recipe = resolved.recipe
+    t = recipe.trainer
+    print(f"# device: {resolved.device.describe()}")
+    for note in resolved.notes:
+        print(f"# {note}")
+    accumulation = plan.gradient_accumulation_steps(recipe)
+    print(
+        f"# derived: gradient_accumulation_steps = batch_size {t.batch_size} / "
+        f"(micro_batch_size {t.micro_batch_size} x processes {recipe.dist.num_processes}) = {accumulation}"
+    )
+    if recipe.lora.last_n_layers:
+        print(f"# derived: LoRA on the last {recipe.lora.last_n_layers} decoder layers (indices set once loaded)")
+
+
+def cmd_show(overrides: list[str], params: bool) -> None:
+    resolved, choices = resolve_overrides(overrides)
+    print("# groups: " + ", ".join(f"{group}={option}" for group, option in choices.items()))
+    print_notes(resolved)
+    print(rundir.recipe_yaml(resolved.recipe), end="")
+    print("# plan (library keyword arguments):")
+    print(json.dumps(plan_summary(resolved, "<run dir>"), indent=2, default=str))
+    if params:
+        show_params(resolved)
+
+
+def show_params(resolved: Resolved) -> None:
+    """Loads the model (weights!) to list the trainable parameters exactly as training would."""
+    from qlora_recipes import models, runner
+
+    checkpoint = models.checkpoint_dir(resolved.recipe.model)
+    tokenizer, new_ids = runner.setup_tokenizer(resolved.recipe, checkpoint)
+    model = runner.setup_model(resolved, checkpoint, tokenizer, new_ids)
+    report = runner.trainable_report(model)
+    print(f"# trainable params: {report['trainable']:,} of {report['total']:,} ({report['percent']:.3f}%)")
+    for name, shape, dtype in report["params"]:
+        print(f"{name}\t{list(shape)}\t{dtype}")
+
+
+def cmd_validate(overrides: list[str]) -> None:
+    from qlora_recipes.materialize import materialize
+
+    resolved, choices = resolve_overrides(overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        built = materialize(resolved, tmp)
+    names = [type(built.model_kwargs.get("quantization_config")).__name__, type(built.lora).__name__,
+             type(built.sft).__name__]
+    print(f"OK: recipe '{resolved.recipe.name}' ({', '.join(f'{g}={o}' for g, o in choices.items())})")
+    print(f"    builds {', '.join(n for n in names if n != 'NoneType')} on {resolved.device.describe()}")
+    for note in resolved.notes:
+        print(f"    {note}")
+
+
+def cmd_ls() -> None:
+    files = recipe_files()
+    width = max(len(name) for name in files)
+    for name, path in files.items():
+        print(f"{name:<{width}}  {recipe_description(path)}")
+
+
+def start_run(resolved: Resolved, output_dir: str | None = None) -> Path:
+    """Write the run dir, print what will run, and train unless dry_run."""
+    recipe = resolved.recipe
+    run_dir = rundir.choose_output_dir(recipe, output_dir)
+    accelerate = plan.accelerate_config(recipe, on_cpu=resolved.device.kind == "cpu")
+    rundir.write(run_dir, resolved, {"accelerate_config.yaml": accelerate})
+    print_notes(resolved)
+    print(f"# run dir: {run_dir}")
+    print(f"# launch: in-process, {recipe.dist.num_processes} process ({recipe.dist.backend.value}): "
+          f"python -m qlora_recipes train {run_dir}")
+    if recipe.dry_run:
+        print("# dry_run=true: wrote recipe.yaml and accelerate_config.yaml; nothing trained")
+        print(json.dumps(plan_summary(resolved, run_dir), indent=2, default=str))
+        return run_dir
+    from qlora_recipes.runner import train
+
+    train(run_dir)
+    return run_dir
+
+
+def cmd_run(overrides: list[str], multirun: bool) -> None:
+    if multirun:
+        run_sweep(overrides)
+        return
+    resolved, _ = resolve_overrides(overrides)
+    start_run(resolved)
+
+
+def run_sweep(overrides: list[str]) -> None:
+    """Hydra multirun: every job composes its own overrides and trains in its own sweep subdir."""
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from qlora_recipes.compose import conf_dir, register
+
+    register()
+
+    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+    def job(cfg: Any) -> None:
+        resolved = resolve(cfg, probe_device())
+        start_run(resolved, resolved.recipe.output_dir or HydraConfig.get().runtime.output_dir)
+
+    sys.argv = [sys.argv[0], "--multirun", *with_default_recipe(overrides)]
+    job()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m qlora_recipes",
+        description="Fine-tune LLMs from typed Hydra recipes. Overrides are Hydra syntax: lora.r=16 quant=none.",
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB")
+    run = verbs.add_parser("run", help="train a recipe (default +recipe=smollm2_chatml); dry_run=true only plans")
+    run.add_argument("--multirun", "-m", action="store_true", help="Hydra sweep: lora.r=8,16 runs two jobs")
+    show = verbs.add_parser("show", help="print the resolved recipe, group choices and the derived plan")
+    show.add_argument("--params", action="store_true", help="also load the model and list trainable parameters")
+    verbs.add_parser("validate", help="compose, resolve and build the library objects; no weights load")
+    verbs.add_parser("ls", help="list the recipes with a one-line description")
+    train = verbs.add_parser("train", help="train the recipe stored in an existing run dir")
+    train.add_argument("run_dir", type=Path)
+    for sub in (run, show, verbs.choices["validate"]):
+        sub.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +recipe=llama2_chatml lora.r=16")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.verb == "run":
+            cmd_run(args.overrides, args.multirun)
+        elif args.verb == "show":
+            cmd_show(args.overrides, args.params)
+        elif args.verb == "validate":
+            cmd_validate(args.overrides)
+        elif args.verb == "ls":
+            cmd_ls()
+        elif args.verb == "train":
+            from qlora_recipes.runner import train
+
+            train(args.run_dir)
+        else:
+            parser.print_help()
+    except RecipeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,9 @@
+"""Errors a user can cause. The CLI prints them without a traceback and exits with code 2."""
+
+
+class RecipeError(Exception):
+    """A recipe, override or combination of settings that cannot work; the message says how to fix it."""
+
+
+class DataError(RecipeError):
+    """A data set that is missing, empty or malformed; the message names the file, line or column."""

@@ -1,0 +1,84 @@
+"""Materialize: plan dicts -> library objects (BitsAndBytesConfig, peft.LoraConfig, trl.SFTConfig).
+
+The one thin step that imports torch/transformers/peft/trl; every decision was made in `plan.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora_recipes import plan
+from qlora_recipes.errors import RecipeError
+from qlora_recipes.resolve import Resolved
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return getattr(torch, name)
+
+
+def bnb_config(kwargs: dict[str, Any] | None) -> Any:
+    if kwargs is None:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    converted = {
+        key: torch_dtype(value) if key in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_storage") else value
+        for key, value in kwargs.items()
+    }
+    return BitsAndBytesConfig(**converted)
+
+
+def lora_config(kwargs: dict[str, Any] | None) -> Any:
+    if kwargs is None:
+        return None
+    from peft import LoraConfig
+
+    try:
+        return LoraConfig(**kwargs)
+    except ValueError as exc:
+        raise RecipeError(f"lora settings rejected by peft: {exc}") from None
+
+
+def sft_config(kwargs: dict[str, Any]) -> Any:
+    from trl import SFTConfig
+
+    try:
+        return SFTConfig(**kwargs)
+    except ValueError as exc:
+        raise RecipeError(f"trainer settings rejected by TRL/transformers: {exc}") from None
+
+
+def from_pretrained_kwargs(resolved: Resolved) -> dict[str, Any]:
+    kwargs = plan.model_kwargs(resolved.recipe)
+    kwargs["dtype"] = torch_dtype(kwargs["dtype"])
+    quant = bnb_config(plan.bnb_kwargs(resolved.recipe))
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        if resolved.device.kind == "cuda" and resolved.recipe.dist.num_processes == 1:
+            kwargs["device_map"] = {"": 0}
+    return kwargs
+
+
+@dataclass
+class Materialized:
+    model_kwargs: dict[str, Any]
+    lora: Any
+    sft: Any
+
+
+def materialize(
+    resolved: Resolved,
+    output_dir: str | Path,
+    facts: plan.ModelFacts | None = None,
+    new_token_ids: list[int] | tuple[int, ...] = (),
+) -> Materialized:
+    recipe = resolved.recipe
+    return Materialized(
+        model_kwargs=from_pretrained_kwargs(resolved),
+        lora=lora_config(plan.lora_kwargs(recipe, facts, new_token_ids)),
+        sft=sft_config(plan.sft_kwargs(recipe, output_dir)),
+    )

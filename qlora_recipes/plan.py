@@ -1,0 +1,150 @@
+"""Plan: resolved recipe -> plain keyword-argument dicts for each library object. Pure, no torch.
+
+Dtypes are strings here ("bfloat16"); `materialize.py` turns them into torch dtypes and builds the
+objects. Each builder is table-tested: recipe in, exact kwargs out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora_recipes.schema import Precision, RecipeConfig, Strategy
+
+# Linear layers of a Llama-family decoder block; used only to describe a plan before a model is loaded.
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the LoRA plan needs to know about the architecture (read from the loaded model)."""
+
+    num_layers: int
+    linear_modules: tuple[str, ...] = LLAMA_LINEAR
+
+
+def gradient_accumulation_steps(recipe: RecipeConfig) -> int:
+    t = recipe.trainer
+    return max(1, t.batch_size // (t.micro_batch_size * recipe.dist.num_processes))
+
+
+def model_kwargs(recipe: RecipeConfig) -> dict[str, Any]:
+    """`from_pretrained` keywords besides the quantization config."""
+    m = recipe.model
+    kwargs: dict[str, Any] = {
+        "dtype": m.dtype.value,
+        "attn_implementation": m.attn_implementation.value,
+        "trust_remote_code": m.trust_remote_code,
+    }
+    if m.revision:
+        kwargs["revision"] = m.revision
+    return kwargs
+
+
+def bnb_kwargs(recipe: RecipeConfig) -> dict[str, Any] | None:
+    """`BitsAndBytesConfig` keywords, or None for an unquantized model."""
+    q = recipe.quant
+    if q.load_in_4bit:
+        return {
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": q.quant_type.value,
+            "bnb_4bit_use_double_quant": q.double_quant,
+            "bnb_4bit_compute_dtype": q.compute_dtype.value,
+            "bnb_4bit_quant_storage": q.storage_dtype.value,
+        }
+    if q.load_in_8bit:
+        return {"load_in_8bit": True}
+    return None
+
+
+def lora_kwargs(
+    recipe: RecipeConfig, facts: ModelFacts | None = None, new_token_ids: list[int] | tuple[int, ...] = ()
+) -> dict[str, Any] | None:
+    """`peft.LoraConfig` keywords, or None for full fine-tuning.
+
+    `last_n_layers` needs the layer count and the linear module names (peft refuses layers_to_transform
+    with the "all-linear" shorthand), hence `facts`. Rows of tokens the template added are made
+    trainable through `trainable_token_indices`, so they do not stay random under LoRA.
+    """
+    lora = recipe.lora
+    if not lora.enabled:
+        return None
+    targets: str | list[str] = list(lora.target_modules)
+    all_linear = targets == ["all-linear"]
+    kwargs: dict[str, Any] = {
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "bias": lora.bias.value,
+        "task_type": "CAUSAL_LM",
+        "use_dora": lora.use_dora,
+        "use_rslora": lora.use_rslora,
+    }
+    if lora.last_n_layers is not None:
+        facts = facts or ModelFacts(num_layers=lora.last_n_layers)
+        first = max(0, facts.num_layers - lora.last_n_layers)
+        kwargs["target_modules"] = list(facts.linear_modules) if all_linear else targets
+        kwargs["layers_to_transform"] = list(range(first, facts.num_layers))
+        kwargs["layers_pattern"] = "layers"
+    else:
+        kwargs["target_modules"] = "all-linear" if all_linear else targets
+    if lora.modules_to_save:
+        kwargs["modules_to_save"] = list(lora.modules_to_save)
+    if new_token_ids and lora.train_new_tokens:
+        kwargs["trainable_token_indices"] = sorted(new_token_ids)
+    return kwargs
+
+
+def sft_kwargs(recipe: RecipeConfig, output_dir: str | Path) -> dict[str, Any]:
+    """`trl.SFTConfig` keywords. The data arrives tokenized with labels (data.py), so TRL's own
+    text handling (dataset_text_field, completion masks) is bypassed; packing and truncation still apply."""
+    t = recipe.trainer
+    kwargs: dict[str, Any] = {
+        "output_dir": str(output_dir),
+        "seed": recipe.seed,
+        "num_train_epochs": t.epochs,
+        "max_steps": t.max_steps,
+        "per_device_train_batch_size": t.micro_batch_size,
+        "per_device_eval_batch_size": t.eval_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(recipe),
+        "learning_rate": t.learning_rate,
+        "lr_scheduler_type": t.lr_scheduler.value,
+        "warmup_steps": t.warmup_ratio,  # transformers 5: a value < 1 is a ratio of the total steps
+        "weight_decay": t.weight_decay,
+        "max_grad_norm": t.max_grad_norm,
+        "optim": t.optim.value,
+        "logging_strategy": "steps",
+        "logging_steps": t.logging_steps,
+        "log_level": t.log_level.value,
+        "eval_strategy": t.eval_strategy.value,
+        "save_strategy": t.save_strategy.value,
+        "save_steps": t.save_steps,
+        "save_total_limit": t.save_total_limit,
+        "bf16": t.precision is Precision.bf16,
+        "fp16": t.precision is Precision.fp16,
+        "gradient_checkpointing": t.gradient_checkpointing,
+        "max_length": t.max_seq_len,
+        "packing": t.packing,
+        "dataset_text_field": recipe.data.text_field,
+        "report_to": list(recipe.report_to) or "none",
+    }
+    if t.eval_strategy is Strategy.steps:
+        kwargs["eval_steps"] = t.eval_steps
+    if t.gradient_checkpointing:
+        kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": t.use_reentrant}
+    return kwargs
+
+
+def accelerate_config(recipe: RecipeConfig, on_cpu: bool) -> dict[str, Any]:
+    """The accelerate launch config (the fields of `accelerate config`'s YAML) for dist=single."""
+    mixed = {Precision.bf16: "bf16", Precision.fp16: "fp16"}.get(recipe.trainer.precision, "no")
+    return {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "NO",
+        "num_machines": 1,
+        "num_processes": recipe.dist.num_processes,
+        "machine_rank": 0,
+        "mixed_precision": mixed,
+        "use_cpu": on_cpu,
+    }

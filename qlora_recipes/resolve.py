@@ -1,0 +1,235 @@
+"""Resolve: composed DictConfig -> typed Recipe with every `auto` made concrete, then cross-group checks.
+
+`resolve` is pure given a `Device`; `probe_device` is the only place that looks at the hardware, and it
+imports torch only when an NVIDIA driver is present. The resolved recipe is what gets written to the
+run dir and what training processes read back, so they never re-resolve on other hardware.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from qlora_recipes.errors import RecipeError
+from qlora_recipes.schema import (
+    Attention,
+    Backend,
+    DataFormat,
+    DType,
+    LossOn,
+    Precision,
+    RecipeConfig,
+    Strategy,
+    TaskMetric,
+    TemplateFormat,
+)
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str = "cpu"  # "cuda" or "cpu"
+    count: int = 0  # visible GPUs
+    bf16: bool = False  # the GPU computes in bfloat16 natively
+    flash_attn: bool = False  # the flash-attn package is importable
+
+    def describe(self) -> str:
+        if self.kind == "cpu":
+            return "CPU"
+        return f"{self.count} CUDA GPU(s), bf16 {'yes' if self.bf16 else 'no'}"
+
+
+def probe_device() -> Device:
+    """What this machine trains on. Cheap on machines without an NVIDIA driver (no torch import)."""
+    if not Path("/proc/driver/nvidia").exists() or os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return Device()
+    import torch
+
+    if not torch.cuda.is_available():
+        return Device()
+    return Device(
+        kind="cuda",
+        count=torch.cuda.device_count(),
+        bf16=torch.cuda.is_bf16_supported(),
+        flash_attn=importlib.util.find_spec("flash_attn") is not None,
+    )
+
+
+@dataclass
+class Resolved:
+    recipe: RecipeConfig
+    device: Device
+    notes: list[str] = field(default_factory=list)  # what `auto` became and why; printed by show/run
+
+
+def to_recipe(cfg: DictConfig) -> RecipeConfig:
+    try:
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]
+    except Exception as exc:  # an interpolation or missing value the user left
+        raise RecipeError(f"recipe cannot be resolved: {exc}") from None
+
+
+def resolve(cfg: DictConfig | RecipeConfig, device: Device) -> Resolved:
+    recipe = cfg if isinstance(cfg, RecipeConfig) else to_recipe(cfg)
+    notes: list[str] = []
+
+    dtype = recipe.model.dtype
+    if dtype is DType.auto:
+        if device.kind == "cpu":
+            dtype = DType.float32
+            notes.append("model.dtype auto -> float32 (CPU: bf16 is emulated there and several times slower)")
+        elif device.bf16:
+            dtype = DType.bfloat16
+            notes.append("model.dtype auto -> bfloat16 (GPU supports it)")
+        else:
+            dtype = DType.float16
+            notes.append(
+                "model.dtype auto -> float16: this GPU has no bf16. fp16 has a narrow range, so losses can "
+                "overflow (the trainer scales them); bf16 GPUs (Ampere or newer) train more robustly."
+            )
+    compute = recipe.quant.compute_dtype
+    if compute is DType.auto:
+        compute = dtype
+
+    precision = recipe.trainer.precision
+    if precision is Precision.auto:
+        precision = {DType.bfloat16: Precision.bf16, DType.float16: Precision.fp16}.get(dtype, Precision.fp32)
+        notes.append(f"trainer.precision auto -> {precision.value} (follows model.dtype {dtype.value})")
+
+    attn = recipe.model.attn_implementation
+    if attn is Attention.auto:
+        if device.kind == "cuda" and device.flash_attn:
+            attn = Attention.flash_attention_2
+            notes.append("model.attn_implementation auto -> flash_attention_2 (flash-attn installed)")
+        else:
+            attn = Attention.sdpa
+            why = "flash-attn is not installed" if device.kind == "cuda" else "CPU"
+            notes.append(f"model.attn_implementation auto -> sdpa ({why}; PyTorch's fused attention)")
+
+    recipe = replace(
+        recipe,
+        model=replace(recipe.model, dtype=dtype, attn_implementation=attn),
+        quant=replace(recipe.quant, compute_dtype=compute),
+        trainer=replace(recipe.trainer, precision=precision),
+    )
+    resolved = Resolved(recipe=recipe, device=device, notes=notes)
+    validate(resolved)
+    return resolved
+
+
+def validate(resolved: Resolved) -> None:
+    """Every cross-group rule at once; raises one RecipeError listing each problem with its fix."""
+    r, device = resolved.recipe, resolved.device
+    q, lora, t, d, tpl = r.quant, r.lora, r.trainer, r.data, r.template
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    # ranges
+    need(lora.r > 0, f"lora.r={lora.r}: the rank must be a positive integer (typical 8-64)")
+    need(lora.alpha > 0, f"lora.alpha={lora.alpha}: must be positive (typical 2*r)")
+    need(0 <= lora.dropout < 1, f"lora.dropout={lora.dropout}: must be in [0, 1)")
+    need(lora.last_n_layers is None or lora.last_n_layers > 0, "lora.last_n_layers must be >= 1 or null (all)")
+    need(bool(lora.target_modules), "lora.target_modules is empty: use [all-linear] or module names like [q_proj]")
+    need(t.learning_rate > 0, f"trainer.learning_rate={t.learning_rate}: must be > 0 (typical 1e-4 to 2e-4)")
+    need(t.epochs > 0 or t.max_steps > 0, "trainer.epochs must be > 0, or trainer.max_steps > 0")
+    need(t.max_steps != 0, "trainer.max_steps=0 trains nothing: use -1 (epochs decide) or a positive count")
+    for key in ("batch_size", "micro_batch_size", "eval_batch_size", "logging_steps", "save_steps"):
+        value = getattr(t, key)
+        need(value >= 1, f"trainer.{key}={value}: must be >= 1")
+    need(t.max_seq_len >= 16, f"trainer.max_seq_len={t.max_seq_len}: must be >= 16")
+    need(0 <= t.warmup_ratio < 1, f"trainer.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
+    need(t.weight_decay >= 0, f"trainer.weight_decay={t.weight_decay}: must be >= 0")
+    need(t.max_grad_norm >= 0, f"trainer.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 disables clipping)")
+    need(t.task_eval_samples >= 0, "trainer.task_eval_samples must be >= 0")
+    need(t.max_new_tokens >= 1, "trainer.max_new_tokens must be >= 1")
+    need(r.dist.num_processes >= 1, f"dist.num_processes={r.dist.num_processes}: must be >= 1")
+    if t.batch_size >= 1 and t.micro_batch_size >= 1 and r.dist.num_processes >= 1:
+        per_step = t.micro_batch_size * r.dist.num_processes
+        need(
+            t.batch_size % per_step == 0,
+            f"trainer.batch_size={t.batch_size} is not a multiple of micro_batch_size * processes = {per_step}: "
+            f"gradient accumulation must be a whole number (try trainer.batch_size={per_step * max(1, t.batch_size // per_step)})",
+        )
+    need(
+        t.eval_strategy is not Strategy.steps or (t.eval_steps or 0) >= 1,
+        "trainer.eval_strategy=steps needs trainer.eval_steps >= 1",
+    )
+    if d.test_fraction is not None:
+        need(0 < d.test_fraction < 1, f"data.test_fraction={d.test_fraction}: must be in (0, 1)")
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(d, key)
+        need(value is None or value >= 1, f"data.{key}={value}: must be >= 1 or null")
+    need(bool(d.splits) or d.test_fraction is not None, "data.splits is empty: name the splits, e.g. [train, test]")
+
+    # quantization and adapters
+    need(
+        not (q.load_in_4bit and q.load_in_8bit),
+        "quant: load_in_4bit and load_in_8bit are both set: choose one (quant=nf4 or quant=int8)",
+    )
+    need(
+        lora.enabled or not (q.load_in_4bit or q.load_in_8bit),
+        "lora=none (full fine-tuning) with a quantized base: quantized weights cannot be trained. "
+        "Use quant=none for full fine-tuning, or keep LoRA (lora=default) for QLoRA",
+    )
+
+    # precision and device
+    if device.kind == "cpu":
+        need(
+            r.trainer.precision is not Precision.fp16,
+            "trainer.precision=fp16 needs a CUDA GPU (mixed-precision fp16 training is not supported on CPU): "
+            "use trainer.precision=fp32 or auto",
+        )
+        need(r.backend is not Backend.unsloth, "backend=unsloth needs a CUDA GPU; none is visible: use backend=hf")
+        if r.model.dtype is DType.bfloat16 or r.quant.compute_dtype is DType.bfloat16:
+            resolved.notes.append("bfloat16 on CPU: correct but several times slower than float32 here")
+    else:
+        need(
+            r.trainer.precision is not Precision.bf16 or device.bf16,
+            "trainer.precision=bf16 but this GPU has no bf16: use trainer.precision=fp16 (or auto)",
+        )
+    need(
+        r.backend is not Backend.unsloth or r.dist.num_processes == 1,
+        "backend=unsloth supports a single process only: set dist=single or backend=hf",
+    )
+    if r.backend is Backend.unsloth:
+        need(
+            importlib.util.find_spec("unsloth") is not None,
+            "backend=unsloth but the unsloth package is not installed: pip install unsloth, or use backend=hf",
+        )
+    need(
+        r.model.attn_implementation is not Attention.flash_attention_2 or device.flash_attn,
+        "model.attn_implementation=flash_attention_2 but flash-attn is not installed (or no GPU): "
+        "pip install flash-attn on a CUDA machine, or use model.attn_implementation=sdpa",
+    )
+
+    # template and data
+    if tpl.format is TemplateFormat.tokenizer:
+        need(not tpl.add_tokens, "template=tokenizer keeps the model's tokens: set template.add_tokens=false")
+    elif tpl.add_tokens:
+        need(
+            bool(tpl.pad_token and tpl.eos_token),
+            f"template.add_tokens=true needs template.pad_token and template.eos_token ({tpl.format.value})",
+        )
+    need(
+        not (t.loss_on is LossOn.assistant and d.format is DataFormat.text),
+        "trainer.loss_on=assistant with data.format=text: plain text has no assistant turns. "
+        "Use loss_on=all, or a messages/prompt_completion/alpaca data set",
+    )
+    need(
+        t.task_eval_samples == 0 or d.metric is not TaskMetric.none,
+        "trainer.task_eval_samples > 0 but data.metric=none: set data.metric=exact_match or task_eval_samples=0",
+    )
+    need(
+        r.resume_from_checkpoint != "auto" or r.output_dir is not None,
+        "resume_from_checkpoint=auto looks in output_dir, which is unset: add output_dir=<the run dir to resume>",
+    )
+
+    if problems:
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise RecipeError(f"recipe '{r.name}' has {count}:\n" + "\n".join(f"  - {p}" for p in problems))

@@ -1,0 +1,359 @@
+"""The runner: read the run dir's resolved recipe, then setup_tokenizer -> setup_model -> setup_data ->
+setup_trainer -> train -> save, in that order. Heavy imports happen here and nowhere above.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora_recipes import data as data_mod
+from qlora_recipes import models, plan, rundir
+from qlora_recipes.errors import RecipeError
+from qlora_recipes.materialize import from_pretrained_kwargs, lora_config, sft_config
+from qlora_recipes.resolve import Resolved
+from qlora_recipes.schema import Backend, RecipeConfig, TaskMetric
+from qlora_recipes.templates import tokenizer_changes
+
+log = logging.getLogger("qlora_recipes")
+
+
+# ---------------------------------------------------------------- setup
+
+
+def setup_logging(run_dir: Path) -> None:
+    handler = logging.FileHandler(run_dir / "run.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("[qlora_recipes] %(message)s"))
+    for logger_name in ("qlora_recipes", "transformers", "trl", "peft"):
+        target = logging.getLogger(logger_name)
+        target.addHandler(handler)
+    log.addHandler(console)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+def setup_tokenizer(recipe: RecipeConfig, checkpoint: str) -> tuple[Any, list[int]]:
+    """The tokenizer with the template's chat template and special tokens; returns the added token ids."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        checkpoint, trust_remote_code=recipe.model.trust_remote_code, revision=recipe.model.revision
+    )
+    changes = tokenizer_changes(recipe.template)
+    before = len(tokenizer)
+    if changes.special_tokens or changes.additional_special_tokens:
+        tokenizer.add_special_tokens(
+            {**changes.special_tokens, "additional_special_tokens": changes.additional_special_tokens},
+            replace_extra_special_tokens=False,
+        )
+    if changes.chat_template is not None:
+        tokenizer.chat_template = changes.chat_template
+    if tokenizer.chat_template is None:
+        raise RecipeError(
+            f"{checkpoint} has no chat template of its own: use template=chatml or template=zephyr"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    added = list(range(before, len(tokenizer)))
+    if added:
+        log.info("template %s added %d special tokens: %s", recipe.template.format.value, len(added),
+                 tokenizer.convert_ids_to_tokens(added))
+    return tokenizer, added
+
+
+def linear_module_names(model: Any) -> tuple[str, ...]:
+    """Short names of the linear layers inside decoder block 0 (Linear, Linear4bit, Linear8bitLt)."""
+    names = []
+    for name, module in model.named_modules():
+        if ".layers.0." in f"{name}." and "Linear" in type(module).__name__:
+            short = name.split(".")[-1]
+            if short not in names:
+                names.append(short)
+    return tuple(names)
+
+
+def setup_model(resolved: Resolved, checkpoint: str, tokenizer: Any, new_token_ids: list[int]) -> Any:
+    recipe = resolved.recipe
+    if recipe.backend is Backend.unsloth:
+        return setup_unsloth_model(resolved, checkpoint, tokenizer, new_token_ids)
+    from transformers import AutoModelForCausalLM
+
+    kwargs = from_pretrained_kwargs(resolved)
+    log.info("loading %s (%s)", checkpoint, ", ".join(f"{k}={v}" for k, v in plan.model_kwargs(recipe).items()))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise RecipeError(f"cannot load model {checkpoint!r} as a causal LM: {str(exc).splitlines()[0]}") from None
+    if new_token_ids:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    t = recipe.trainer
+    model.config.use_cache = not t.gradient_checkpointing
+    quantized = recipe.quant.load_in_4bit or recipe.quant.load_in_8bit
+    if quantized and recipe.dist.num_processes == 1:
+        # Casts the unquantized params (norms, embeddings) to fp32 for stable training and makes
+        # inputs require grads so checkpointed blocks backpropagate into the adapters.
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=t.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": t.use_reentrant},
+        )
+    if not recipe.lora.enabled:
+        return model
+    from peft import get_peft_model
+
+    facts = plan.ModelFacts(model.config.num_hidden_layers, linear_module_names(model))
+    return get_peft_model(model, lora_config(plan.lora_kwargs(recipe, facts, new_token_ids)))
+
+
+def setup_unsloth_model(resolved: Resolved, checkpoint: str, tokenizer: Any, new_token_ids: list[int]) -> Any:
+    """The original's Unsloth path: FastLanguageModel loads (4-bit) and wraps LoRA itself."""
+    from unsloth import FastLanguageModel  # validated as installed, CUDA and single-process
+
+    recipe = resolved.recipe
+    model, _ = FastLanguageModel.from_pretrained(
+        model_name=checkpoint,
+        max_seq_length=recipe.trainer.max_seq_len,
+        dtype=None,
+        load_in_4bit=recipe.quant.load_in_4bit,
+    )
+    kwargs = plan.lora_kwargs(recipe, None, new_token_ids) or {}
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=kwargs["r"],
+        lora_alpha=kwargs["lora_alpha"],
+        lora_dropout=kwargs["lora_dropout"],
+        target_modules=kwargs["target_modules"],
+        use_gradient_checkpointing=recipe.trainer.gradient_checkpointing,
+        random_state=recipe.seed,
+        max_seq_length=recipe.trainer.max_seq_len,
+    )
+
+
+def trainable_report(model: Any) -> dict[str, Any]:
+    """Names, shapes and dtypes of the trainable parameters, and the counts (the original's print helper)."""
+    rows, trainable, total = [], 0, 0
+    for name, param in model.named_parameters():
+        count = param.numel()
+        if hasattr(param, "quant_state"):  # 4-bit params store two values per byte
+            count *= 2
+        total += count
+        if param.requires_grad:
+            trainable += count
+            rows.append((name, tuple(param.shape), str(param.dtype).replace("torch.", "")))
+    return {"trainable": trainable, "total": total, "percent": 100 * trainable / max(total, 1), "params": rows}
+
+
+def log_trainable(report: dict[str, Any], limit: int = 12) -> None:
+    log.info("trainable params: %s of %s (%.3f%%)", f"{report['trainable']:,}", f"{report['total']:,}",
+             report["percent"])
+    for name, shape, dtype in report["params"][:limit]:
+        log.info("  %-70s %-16s %s", name, str(shape), dtype)
+    if len(report["params"]) > limit:
+        log.info("  ... and %d more trainable tensors (all in run.log)", len(report["params"]) - limit)
+        for name, shape, dtype in report["params"][limit:]:
+            log.debug("  %s %s %s", name, shape, dtype)
+
+
+def setup_trainer(resolved: Resolved, model: Any, tokenizer: Any, prepared: data_mod.Prepared, run_dir: Path) -> Any:
+    from trl import SFTTrainer
+
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    args = sft_config(plan.sft_kwargs(resolved.recipe, run_dir))
+    if prepared.eval is None and args.eval_strategy != "no":
+        log.info("no eval split: evaluation during training is off")
+        args.eval_strategy = "no"
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=prepared.train,
+        eval_dataset=prepared.eval,
+        processing_class=tokenizer,
+    )
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+@dataclass
+class TaskScore:
+    score: float
+    samples: list[dict[str, str]]
+
+
+def task_score(model: Any, tokenizer: Any, examples: list, recipe: RecipeConfig, batch: int = 16) -> TaskScore:
+    """Greedy answers to held-out prompts, scored by data.metric (exact match after stripping)."""
+    import torch
+
+    samples = []
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for start in range(0, len(examples), batch):
+        chunk = examples[start : start + batch]
+        prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m, _ in chunk]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
+                        add_special_tokens=recipe.data.add_special_tokens).to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=recipe.trainer.max_new_tokens, do_sample=False,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                 use_cache=True)
+        answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for (messages, reference), answer in zip(chunk, answers, strict=True):
+            samples.append({"prompt": messages[-1]["content"], "reference": reference, "answer": answer.strip()})
+    model.train(was_training)
+    if recipe.data.metric is TaskMetric.exact_match:
+        hits = sum(s["answer"] == s["reference"].strip() for s in samples)
+        return TaskScore(hits / max(len(samples), 1), samples)
+    raise RecipeError(f"data.metric={recipe.data.metric.value} has no scorer")
+
+
+def eval_loss(trainer: Any) -> float | None:
+    if trainer.eval_dataset is None:
+        return None
+    return float(trainer.evaluate()["eval_loss"])
+
+
+# ---------------------------------------------------------------- save and report
+
+
+def peak_memory_gib() -> dict[str, float]:
+    import torch
+
+    if torch.cuda.is_available():
+        return {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        }
+    return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def save(trainer: Any, tokenizer: Any, recipe: RecipeConfig, run_dir: Path) -> Path:
+    """The adapter (PeftModel.from_pretrained loads it) or full model, with the tokenizer and chat template."""
+    out = run_dir / ("adapter" if recipe.lora.enabled else "model")
+    trainer.save_model(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def train_metrics(trainer: Any, result: Any) -> dict[str, Any]:
+    history = trainer.state.log_history
+    losses = [h["loss"] for h in history if "loss" in h]
+    tokens = max((h.get("num_tokens", 0) for h in history), default=0)
+    runtime = result.metrics.get("train_runtime", 0.0)
+    return {
+        "train_loss": result.metrics.get("train_loss"),
+        "first_logged_loss": losses[0] if losses else None,
+        "last_logged_loss": losses[-1] if losses else None,
+        "steps": trainer.state.global_step,
+        "train_tokens": tokens,
+        "tokens_per_s": tokens / runtime if runtime else None,
+        "train_runtime_s": runtime,
+        "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+    }
+
+
+def write_samples(path: Path, before: TaskScore | None, after: TaskScore | None) -> None:
+    if after is None:
+        return
+    lines = ["| prompt | reference | before | after |", "|---|---|---|---|"]
+    previous = before.samples if before else [{"answer": ""}] * len(after.samples)
+    for b, a in zip(previous, after.samples, strict=True):
+        cells = [a["prompt"], a["reference"], b["answer"], a["answer"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def print_summary(metrics: dict[str, Any], run_dir: Path, saved: Path) -> None:
+    def fmt(value: Any, spec: str = ".4f") -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    e, t = metrics["eval"], metrics["train"]
+    lines = [
+        "",
+        f"== {metrics['recipe']} finished in {metrics['wall_time_s']:.0f} s ==",
+        f"  eval loss      before {fmt(e.get('loss_before'))}  ->  after {fmt(e.get('loss_after'))}",
+    ]
+    if e.get("task_before") is not None or e.get("task_after") is not None:
+        lines.append(
+            f"  {metrics['task_metric']:<14} before {fmt(e.get('task_before'), '.1%')}  ->  after {fmt(e.get('task_after'), '.1%')}"
+        )
+    lines += [
+        f"  train loss     {fmt(t['first_logged_loss'])} (first log) -> {fmt(t['last_logged_loss'])} (last log), {t['steps']} steps",
+        f"  throughput     {fmt(t['tokens_per_s'], '.0f')} real tokens/s",
+        f"  {'adapter' if saved.name == 'adapter' else 'model':<14} {saved}",
+        f"  run dir        {run_dir}  (recipe.yaml, metrics.json, samples.md, tensorboard/, run.log)",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+# ---------------------------------------------------------------- main
+
+
+def train(run_dir: Path) -> dict[str, Any]:
+    """Train the recipe stored in run_dir; returns (and writes) metrics.json."""
+    started = time.time()
+    run_dir = run_dir.resolve()
+    resolved = rundir.read(run_dir)
+    recipe = resolved.recipe
+    setup_logging(run_dir)
+    resume = rundir.resume_target(run_dir, recipe.resume_from_checkpoint)
+
+    from transformers import set_seed
+
+    set_seed(recipe.seed)
+    checkpoint = models.checkpoint_dir(recipe.model)
+    tokenizer, new_ids = setup_tokenizer(recipe, checkpoint)
+    model = setup_model(resolved, checkpoint, tokenizer, new_ids)
+    report = trainable_report(model)
+    log_trainable(report)
+    prepared = data_mod.prepare(recipe, tokenizer)
+    log.info("data: %s", json.dumps(prepared.stats))
+    trainer = setup_trainer(resolved, model, tokenizer, prepared, run_dir)
+
+    examples = data_mod.task_examples(prepared, recipe.data, recipe.trainer.task_eval_samples)
+    loss_before = task_before = None
+    if recipe.trainer.eval_before_train and resume is None:
+        log.info("evaluating the base model before training")
+        loss_before = eval_loss(trainer)
+        task_before = task_score(trainer.model, tokenizer, examples, recipe) if examples else None
+
+    result = trainer.train(resume_from_checkpoint=resume)
+
+    loss_after = eval_loss(trainer)
+    task_after = task_score(trainer.model, tokenizer, examples, recipe) if examples else None
+    saved = save(trainer, tokenizer, recipe, run_dir)
+    write_samples(run_dir / "samples.md", task_before, task_after)
+    metrics = {
+        "recipe": recipe.name,
+        "run_dir": str(run_dir),
+        "saved": str(saved),
+        "device": resolved.device.describe(),
+        "wall_time_s": time.time() - started,
+        "task_metric": recipe.data.metric.value,
+        "trainable_params": report["trainable"],
+        "total_params": report["total"],
+        "data": prepared.stats,
+        "eval": {
+            "loss_before": loss_before,
+            "loss_after": loss_after,
+            "task_before": task_before.score if task_before else None,
+            "task_after": task_after.score if task_after else None,
+        },
+        "train": train_metrics(trainer, result),
+        "memory": peak_memory_gib(),
+    }
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    print_summary(metrics, run_dir, saved)
+    return metrics

