@@ -87,8 +87,11 @@ def cmd_validate(overrides: list[str]) -> None:
     resolved, choices = resolve_overrides(overrides)
     with tempfile.TemporaryDirectory() as tmp:
         built = materialize(resolved, tmp)
-    names = [type(built.model_kwargs.get("quantization_config")).__name__, type(built.lora).__name__,
-             type(built.sft).__name__]
+    names = [
+        type(built.model_kwargs.get("quantization_config")).__name__,
+        type(built.lora).__name__,
+        type(built.sft).__name__,
+    ]
     print(f"OK: recipe '{resolved.recipe.name}' ({', '.join(f'{g}={o}' for g, o in choices.items())})")
     print(f"    builds {', '.join(n for n in names if n != 'NoneType')} on {resolved.device.describe()}")
     for note in resolved.notes:
@@ -110,8 +113,10 @@ def start_run(resolved: Resolved, output_dir: str | None = None) -> Path:
     rundir.write(run_dir, resolved, {"accelerate_config.yaml": accelerate})
     print_notes(resolved)
     print(f"# run dir: {run_dir}")
-    print(f"# launch: in-process, {recipe.dist.num_processes} process ({recipe.dist.backend.value}): "
-          f"python -m qlora_recipes train {run_dir}")
+    print(
+        f"# launch: in-process, {recipe.dist.num_processes} process ({recipe.dist.backend.value}): "
+        f"python -m qlora_recipes train {run_dir}"
+    )
     if recipe.dry_run:
         print("# dry_run=true: wrote recipe.yaml and accelerate_config.yaml; nothing trained")
         print(json.dumps(plan_summary(resolved, run_dir), indent=2, default=str))

@@ -241,9 +241,7 @@ def render(row: dict[str, Any], fmt: DataFormat, data: DataConfig, tokenizer: An
 # ---------------------------------------------------------------- tokenize
 
 
-def tokenize_row(
-    text: str, spans: list[tuple[int, int]], tokenizer: Any, recipe: RecipeConfig
-) -> dict[str, list[int]]:
+def tokenize_row(text: str, spans: list[tuple[int, int]], tokenizer: Any, recipe: RecipeConfig) -> dict[str, list[int]]:
     """input_ids and labels; labels are -100 outside the answer spans when loss_on=assistant."""
     data, trainer = recipe.data, recipe.trainer
     encoded = tokenizer(text, add_special_tokens=data.add_special_tokens, return_offsets_mapping=True)
@@ -255,7 +253,11 @@ def tokenize_row(
             token if any(lo <= start < hi for lo, hi in spans) else -100
             for token, (start, _end) in zip(ids, encoded["offset_mapping"], strict=True)
         ]
-    if data.append_concat_token and tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+    if (
+        data.append_concat_token
+        and tokenizer.eos_token_id is not None
+        and (not ids or ids[-1] != tokenizer.eos_token_id)
+    ):
         ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     return {"input_ids": ids, "labels": labels}
@@ -293,7 +295,10 @@ def tokenize_split(raw: Any, fmt: DataFormat, tokenizer: Any, recipe: RecipeConf
         log.warning(
             "%d of %d %s samples are longer than max_seq_len=%d tokens; their ends are cut off "
             "(raise trainer.max_seq_len to keep them whole)",
-            too_long, len(raw), name, limit,
+            too_long,
+            len(raw),
+            name,
+            limit,
         )
     if no_loss:
         log.warning("%d %s samples had no answer tokens left after truncation and were dropped", no_loss, name)

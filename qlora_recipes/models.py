@@ -20,7 +20,7 @@ from qlora_recipes.schema import ModelConfig, ModelSource
 
 log = logging.getLogger(__name__)
 CACHE_ENV = "QLORA_RECIPES_CACHE"
-TINY_NAME = "tiny-random-llama-v1"
+TINY_NAME = "tiny-random-llama-v2"
 
 
 def cache_root() -> Path:
@@ -134,6 +134,7 @@ def tiny_checkpoint() -> Path:
             num_key_value_heads=2,
             max_position_embeddings=1024,
             tie_word_embeddings=True,
+            initializer_range=0.2,  # frozen random embeddings at 0.02 cap logits near uniform: LoRA could not learn
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,

@@ -97,5 +97,7 @@ def resume_target(run_dir: Path, setting: str | None) -> str | None:
         return str(latest)
     path = Path(setting).expanduser()
     if not is_complete_checkpoint(path):
-        raise RecipeError(f"resume_from_checkpoint={setting}: not a complete checkpoint dir (trainer_state.json, optimizer)")
+        raise RecipeError(
+            f"resume_from_checkpoint={setting}: not a complete checkpoint dir (trainer_state.json, optimizer)"
+        )
     return str(path)

