@@ -37,7 +37,7 @@ def plan_summary(resolved: Resolved, output_dir: str | Path) -> dict[str, Any]:
         "from_pretrained": plan.model_kwargs(recipe),
         "BitsAndBytesConfig": plan.bnb_kwargs(recipe),
         "LoraConfig": plan.lora_kwargs(recipe),
-        "SFTConfig": plan.sft_kwargs(recipe, output_dir),
+        "SFTConfig": plan.sft_kwargs(recipe, output_dir, on_cpu=resolved.device.kind == "cpu"),
         "accelerate": plan.accelerate_config(recipe, on_cpu=resolved.device.kind == "cpu"),
     }
 

@@ -80,5 +80,5 @@ def materialize(
     return Materialized(
         model_kwargs=from_pretrained_kwargs(resolved),
         lora=lora_config(plan.lora_kwargs(recipe, facts, new_token_ids)),
-        sft=sft_config(plan.sft_kwargs(recipe, output_dir)),
+        sft=sft_config(plan.sft_kwargs(recipe, output_dir, on_cpu=resolved.device.kind == "cpu")),
     )

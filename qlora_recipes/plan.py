@@ -96,7 +96,7 @@ def lora_kwargs(
     return kwargs
 
 
-def sft_kwargs(recipe: RecipeConfig, output_dir: str | Path) -> dict[str, Any]:
+def sft_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = False) -> dict[str, Any]:
     """`trl.SFTConfig` keywords. The data arrives tokenized with labels (data.py), so TRL's own
     text handling (dataset_text_field, completion masks) is bypassed; packing and truncation still apply."""
     t = recipe.trainer
@@ -128,6 +128,7 @@ def sft_kwargs(recipe: RecipeConfig, output_dir: str | Path) -> dict[str, Any]:
         "packing": t.packing,
         "dataset_text_field": recipe.data.text_field,
         "report_to": list(recipe.report_to) or "none",
+        "use_cpu": on_cpu,  # transformers refuses bf16 on a GPU-less machine unless told it is CPU on purpose
     }
     if t.eval_strategy is Strategy.steps:
         kwargs["eval_steps"] = t.eval_steps

@@ -186,15 +186,47 @@ def log_trainable(report: dict[str, Any], limit: int = 12) -> None:
             log.debug("  %s %s %s", name, shape, dtype)
 
 
+def head_is_wrapped(model: Any) -> bool:
+    """True when peft wrapped the LM head (trainable new-token rows on tied embeddings, modules_to_save)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return head is not None and type(head) is not torch.nn.Linear
+
+
+def model_loss_trainer_class() -> type:
+    """SFTTrainer that takes the loss from the model's own forward.
+
+    TRL 1.16 computes the SFT loss with a fused LM head that reads `lm_head.weight` directly, bypassing
+    any peft wrapper on the head: with trainable token rows on a tied head it fails ('no attribute
+    bias'), and a wrapped head's trained rows would not reach the loss. Used only in that case; it
+    keeps TRL's count of real training tokens."""
+    import torch
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class ModelLossSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:  # padding-free batches (packing) carry position_ids instead of a mask
+                mask = inputs.get("attention_mask")
+                local = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].size(1))
+                self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item()
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return ModelLossSFTTrainer
+
+
 def setup_trainer(resolved: Resolved, model: Any, tokenizer: Any, prepared: data_mod.Prepared, run_dir: Path) -> Any:
     from trl import SFTTrainer
 
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-    args = sft_config(plan.sft_kwargs(resolved.recipe, run_dir))
+    args = sft_config(plan.sft_kwargs(resolved.recipe, run_dir, on_cpu=resolved.device.kind == "cpu"))
     if prepared.eval is None and args.eval_strategy != "no":
         log.info("no eval split: evaluation during training is off")
         args.eval_strategy = "no"
-    return SFTTrainer(
+    trainer_class = model_loss_trainer_class() if head_is_wrapped(model) else SFTTrainer
+    return trainer_class(
         model=model,
         args=args,
         train_dataset=prepared.train,

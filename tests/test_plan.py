@@ -178,6 +178,7 @@ def test_sft_kwargs_exact(recipe_of):
         "packing": False,
         "dataset_text_field": "content",
         "report_to": ["tensorboard"],
+        "use_cpu": False,
     }
 
 
