@@ -20,7 +20,7 @@ from typing import Any
 
 from qlora_recipes import plan, rundir
 from qlora_recipes.compose import compose, recipe_description, recipe_files, with_default_recipe
-from qlora_recipes.errors import RecipeError
+from qlora_recipes.errors import Interrupted, RecipeError
 from qlora_recipes.resolve import Resolved, probe_device, resolve
 
 EXIT_USER_ERROR = 2
@@ -167,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     verbs.add_parser("ls", help="list the recipes with a one-line description")
     train = verbs.add_parser("train", help="train the recipe stored in an existing run dir")
     train.add_argument("run_dir", type=Path)
+    train.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue from the latest complete checkpoint (or the one given)",
+    )
     for sub in (run, show, verbs.choices["validate"]):
         sub.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +recipe=llama2_chatml lora.r=16")
     return parser
@@ -187,13 +195,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "train":
             from qlora_recipes.runner import train
 
-            train(args.run_dir)
+            train(args.run_dir, resume=args.resume)
         else:
             parser.print_help()
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except Interrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted before a checkpoint could be saved; the last complete one resumes", file=sys.stderr)
         return 130
     return 0

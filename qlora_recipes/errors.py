@@ -7,3 +7,11 @@ class RecipeError(Exception):
 
 class DataError(RecipeError):
     """A data set that is missing, empty or malformed; the message names the file, line or column."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint; exit code 128 + signal number."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum

@@ -8,15 +8,18 @@ import json
 import logging
 import os
 import resource
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qlora_recipes import data as data_mod
 from qlora_recipes import models, plan, rundir
-from qlora_recipes.errors import RecipeError
+from qlora_recipes.errors import Interrupted, RecipeError
 from qlora_recipes.materialize import from_pretrained_kwargs, lora_config, sft_config
 from qlora_recipes.resolve import Resolved
 from qlora_recipes.schema import Backend, RecipeConfig, TaskMetric
@@ -235,6 +238,54 @@ def setup_trainer(resolved: Resolved, model: Any, tokenizer: Any, prepared: data
     )
 
 
+class GracefulStop:
+    """SIGINT/SIGTERM during training: finish the optimizer step, save a checkpoint, stop.
+    A second signal stops at once (the last complete checkpoint still resumes)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning(
+            "%s received: saving a checkpoint after this step, then stopping (send it again to stop at once)",
+            signal.Signals(signum).name,
+        )
+
+    @contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def callback(self) -> Any:
+        from transformers import TrainerCallback
+
+        stop = self
+
+        class SaveAndStop(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                if stop.signum is not None:  # arrived while loading: nothing trained, nothing to save
+                    control.should_training_stop = True
+                return control
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if stop.signum is not None:
+                    control.should_save = True
+                    control.should_training_stop = True
+                return control
+
+        return SaveAndStop()
+
+
 # ---------------------------------------------------------------- evaluate
 
 
@@ -363,19 +414,27 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, saved: Path) -> None:
 # ---------------------------------------------------------------- main
 
 
-def train(run_dir: Path) -> dict[str, Any]:
-    """Train the recipe stored in run_dir; returns (and writes) metrics.json."""
+def train(run_dir: Path, resume: str | None = None) -> dict[str, Any]:
+    """Train the recipe stored in run_dir; returns (and writes) metrics.json.
+    `resume` ("auto" or a checkpoint path) overrides the recipe's resume_from_checkpoint.
+    SIGINT/SIGTERM at any point end the run cleanly (after a checkpoint once training has begun)."""
+    stop = GracefulStop()
+    with stop.installed():
+        return _train(run_dir, resume, stop)
+
+
+def _train(run_dir: Path, resume: str | None, stop: GracefulStop) -> dict[str, Any]:
     started = time.time()
     run_dir = run_dir.resolve()
     resolved = rundir.read(run_dir)
     recipe = resolved.recipe
     setup_logging(run_dir)
-    resume = rundir.resume_target(run_dir, recipe.resume_from_checkpoint)
+    resume = rundir.resume_target(run_dir, resume or recipe.resume_from_checkpoint)
 
     from transformers import set_seed
 
+    checkpoint = models.checkpoint_dir(recipe.model)  # may build a cached checkpoint, drawing random numbers
     set_seed(recipe.seed)
-    checkpoint = models.checkpoint_dir(recipe.model)
     tokenizer, new_ids = setup_tokenizer(recipe, checkpoint)
     model = setup_model(resolved, checkpoint, tokenizer, new_ids)
     report = trainable_report(model)
@@ -391,7 +450,15 @@ def train(run_dir: Path) -> dict[str, Any]:
         loss_before = eval_loss(trainer)
         task_before = task_score(trainer.model, tokenizer, examples, recipe) if examples else None
 
+    trainer.add_callback(stop.callback())
     result = trainer.train(resume_from_checkpoint=resume)
+    if stop.signum is not None:
+        latest = rundir.latest_checkpoint(run_dir)
+        raise Interrupted(
+            stop.signum,
+            f"stopped by {signal.Signals(stop.signum).name} at step {trainer.state.global_step}; checkpoint: "
+            f"{latest}. Continue with: python -m qlora_recipes train {run_dir} --resume",
+        )
 
     loss_after = eval_loss(trainer)
     task_after = task_score(trainer.model, tokenizer, examples, recipe) if examples else None
