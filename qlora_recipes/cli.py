@@ -107,7 +107,10 @@ def cmd_ls() -> None:
 
 def start_run(resolved: Resolved, output_dir: str | None = None) -> Path:
     """Write the run dir, print what will run, and train unless dry_run."""
+    from qlora_recipes.models import check_local_model
+
     recipe = resolved.recipe
+    check_local_model(recipe.model)
     run_dir = rundir.choose_output_dir(recipe, output_dir)
     accelerate = plan.accelerate_config(recipe, on_cpu=resolved.device.kind == "cpu")
     rundir.write(run_dir, resolved, {"accelerate_config.yaml": accelerate})

@@ -8,6 +8,7 @@ a half-written checkpoint that a later run would trust.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -33,14 +34,32 @@ def checkpoint_dir(model: ModelConfig) -> str:
         return str(gguf_checkpoint(model.package or ""))
     if model.source is ModelSource.tiny_random:
         return str(tiny_checkpoint())
+    check_local_model(model)
     path = Path(model.name_or_path).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise RecipeError(f"model.name_or_path={model.name_or_path!r} is a local path without config.json")
-        return str(path)
-    if model.name_or_path.startswith((".", "/", "~")):
-        raise RecipeError(f"model.name_or_path={model.name_or_path!r}: no such directory")
-    return model.name_or_path
+    return str(path) if path.exists() else model.name_or_path
+
+
+def check_local_model(model: ModelConfig) -> None:
+    """Cheap checks of a local model dir before anything loads: exists, has config.json, is a causal LM."""
+    if model.source is not ModelSource.hub_or_path:
+        return
+    path = Path(model.name_or_path).expanduser()
+    if not path.exists():
+        if model.name_or_path.startswith((".", "/", "~")):
+            raise RecipeError(f"model.name_or_path={model.name_or_path!r}: no such directory")
+        return  # a hub id: checked when it loads
+    config = path / "config.json"
+    if not config.is_file():
+        raise RecipeError(f"model.name_or_path={model.name_or_path!r} is a local path without config.json")
+    try:
+        architectures = json.loads(config.read_text()).get("architectures") or []
+    except json.JSONDecodeError as exc:
+        raise RecipeError(f"{config} is not valid JSON: {exc}") from None
+    if architectures and not any(a.endswith(("ForCausalLM", "ForConditionalGeneration")) for a in architectures):
+        raise RecipeError(
+            f"model.name_or_path={model.name_or_path!r} is a {', '.join(architectures)}, not a causal language "
+            "model: fine-tuning here needs a *ForCausalLM checkpoint"
+        )
 
 
 def _atomic_build(target: Path, build) -> Path:

@@ -21,6 +21,7 @@ from qlora_recipes.schema import (
     DataFormat,
     DType,
     LossOn,
+    ModelSource,
     Precision,
     RecipeConfig,
     Strategy,
@@ -207,6 +208,14 @@ def validate(resolved: Resolved) -> None:
         "model.attn_implementation=flash_attention_2 but flash-attn is not installed (or no GPU): "
         "pip install flash-attn on a CUDA machine, or use model.attn_implementation=sdpa",
     )
+
+    # model
+    if r.model.source is not ModelSource.hub_or_path:
+        need(
+            not r.model.name_or_path.startswith(("/", ".", "~")),
+            f"model.name_or_path={r.model.name_or_path!r} looks like a path, but model.source="
+            f"{r.model.source.value} builds its own checkpoint and ignores it: add model.source=hub_or_path",
+        )
 
     # template and data
     if tpl.format is TemplateFormat.tokenizer:

@@ -31,8 +31,10 @@ log = logging.getLogger("qlora_recipes")
 # ---------------------------------------------------------------- setup
 
 
-def setup_logging(run_dir: Path) -> None:
-    """Everything at the recipe's log level into run.log; the console gets our lines and library warnings."""
+@contextmanager
+def run_logging(run_dir: Path):
+    """Everything at the recipe's log level into run.log; the console gets our lines and library warnings.
+    The handlers are removed afterwards, so runs in one process (sweeps, tests) never share a log."""
     import transformers
 
     file_handler = logging.FileHandler(run_dir / "run.log")
@@ -43,12 +45,19 @@ def setup_logging(run_dir: Path) -> None:
     libraries.setLevel(logging.WARNING)
     libraries.setFormatter(logging.Formatter("[%(name)s] %(levelname)s: %(message)s"))
     transformers.utils.logging.disable_default_handler()
-    for name in ("transformers", "trl", "peft"):
-        logging.getLogger(name).addHandler(file_handler)
-        logging.getLogger(name).addHandler(libraries)
-    log.handlers[:] = [file_handler, ours]
+    attached = [(logging.getLogger(name), handler) for name in ("transformers", "trl", "peft")
+                for handler in (file_handler, libraries)]
+    attached += [(log, file_handler), (log, ours)]
+    for logger, handler in attached:
+        logger.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
+    try:
+        yield
+    finally:
+        for logger, handler in attached:
+            logger.removeHandler(handler)
+        file_handler.close()
 
 
 def setup_tokenizer(recipe: RecipeConfig, checkpoint: str) -> tuple[Any, list[int]]:
@@ -418,17 +427,16 @@ def train(run_dir: Path, resume: str | None = None) -> dict[str, Any]:
     """Train the recipe stored in run_dir; returns (and writes) metrics.json.
     `resume` ("auto" or a checkpoint path) overrides the recipe's resume_from_checkpoint.
     SIGINT/SIGTERM at any point end the run cleanly (after a checkpoint once training has begun)."""
-    stop = GracefulStop()
-    with stop.installed():
-        return _train(run_dir, resume, stop)
-
-
-def _train(run_dir: Path, resume: str | None, stop: GracefulStop) -> dict[str, Any]:
-    started = time.time()
     run_dir = run_dir.resolve()
     resolved = rundir.read(run_dir)
+    stop = GracefulStop()
+    with stop.installed(), run_logging(run_dir):
+        return _train(run_dir, resolved, resume, stop)
+
+
+def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: GracefulStop) -> dict[str, Any]:
+    started = time.time()
     recipe = resolved.recipe
-    setup_logging(run_dir)
     resume = rundir.resume_target(run_dir, resume or recipe.resume_from_checkpoint)
 
     from transformers import set_seed
@@ -436,11 +444,11 @@ def _train(run_dir: Path, resume: str | None, stop: GracefulStop) -> dict[str, A
     checkpoint = models.checkpoint_dir(recipe.model)  # may build a cached checkpoint, drawing random numbers
     set_seed(recipe.seed)
     tokenizer, new_ids = setup_tokenizer(recipe, checkpoint)
+    prepared = data_mod.prepare(recipe, tokenizer)  # data errors surface before the weights load
+    log.info("data: %s", json.dumps(prepared.stats))
     model = setup_model(resolved, checkpoint, tokenizer, new_ids)
     report = trainable_report(model)
     log_trainable(report)
-    prepared = data_mod.prepare(recipe, tokenizer)
-    log.info("data: %s", json.dumps(prepared.stats))
     trainer = setup_trainer(resolved, model, tokenizer, prepared, run_dir)
 
     examples = data_mod.task_examples(prepared, recipe.data, recipe.trainer.task_eval_samples)
