@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install run test test-slow lint fmt clean
+.PHONY: help install run test test-slow test-gpu lint fmt clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ test: install  ## fast CPU tests (what CI runs)
 
 test-slow: install  ## slow tests: the real SmolLM2 demo end to end (minutes)
 	$(BIN)/python -m pytest -q -m slow
+
+test-gpu: install  ## GPU tests (need CUDA; they skip without it)
+	$(BIN)/python -m pytest -q -m gpu
 
 lint: install  ## ruff lint and format check
 	$(BIN)/ruff check qlora_recipes tests

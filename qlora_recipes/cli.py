@@ -112,6 +112,7 @@ def start_run(resolved: Resolved, output_dir: str | None = None) -> Path:
     recipe = resolved.recipe
     check_local_model(recipe.model)
     run_dir = rundir.choose_output_dir(recipe, output_dir)
+    rundir.resume_target(run_dir, recipe.resume_from_checkpoint)  # fail before touching the run dir
     accelerate = plan.accelerate_config(recipe, on_cpu=resolved.device.kind == "cpu")
     rundir.write(run_dir, resolved, {"accelerate_config.yaml": accelerate})
     print_notes(resolved)

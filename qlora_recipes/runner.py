@@ -45,8 +45,11 @@ def run_logging(run_dir: Path):
     libraries.setLevel(logging.WARNING)
     libraries.setFormatter(logging.Formatter("[%(name)s] %(levelname)s: %(message)s"))
     transformers.utils.logging.disable_default_handler()
-    attached = [(logging.getLogger(name), handler) for name in ("transformers", "trl", "peft")
-                for handler in (file_handler, libraries)]
+    attached = [
+        (logging.getLogger(name), handler)
+        for name in ("transformers", "trl", "peft")
+        for handler in (file_handler, libraries)
+    ]
     attached += [(log, file_handler), (log, ours)]
     for logger, handler in attached:
         logger.addHandler(handler)
