@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -20,7 +23,7 @@ from typing import Any
 
 from qlora_recipes import plan, rundir
 from qlora_recipes.compose import compose, recipe_description, recipe_files, with_default_recipe
-from qlora_recipes.errors import Interrupted, RecipeError
+from qlora_recipes.errors import Interrupted, LaunchFailed, RecipeError
 from qlora_recipes.resolve import Resolved, probe_device, resolve
 
 EXIT_USER_ERROR = 2
@@ -116,19 +119,36 @@ def start_run(resolved: Resolved, output_dir: str | None = None) -> Path:
     accelerate = plan.accelerate_config(recipe, on_cpu=resolved.device.kind == "cpu")
     rundir.write(run_dir, resolved, {"accelerate_config.yaml": accelerate})
     print_notes(resolved)
+    command = plan.launch_command(recipe, run_dir, on_cpu=resolved.device.kind == "cpu", python=sys.executable)
     print(f"# run dir: {run_dir}")
-    print(
-        f"# launch: in-process, {recipe.dist.num_processes} process ({recipe.dist.backend.value}): "
-        f"python -m qlora_recipes train {run_dir}"
-    )
+    if command is None:
+        print(f"# launch: in-process (dist={recipe.dist.backend.value}): python -m qlora_recipes train {run_dir}")
+    else:
+        print(
+            f"# launch: {recipe.dist.num_processes} processes (dist={recipe.dist.backend.value}): {shlex.join(command)}"
+        )
     if recipe.dry_run:
         print("# dry_run=true: wrote recipe.yaml and accelerate_config.yaml; nothing trained")
         print(json.dumps(plan_summary(resolved, run_dir), indent=2, default=str))
         return run_dir
-    from qlora_recipes.runner import train
+    if command is None:
+        from qlora_recipes.runner import train
 
-    train(run_dir)
+        train(run_dir)
+    else:
+        launch(command, run_dir)
     return run_dir
+
+
+def launch(command: list[str], run_dir: Path) -> None:
+    """Start the worker processes; the launcher (torchrun) ends them all as soon as one fails."""
+    result = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        raise LaunchFailed(
+            result.returncode,
+            f"training processes failed (exit {result.returncode}); the failing rank's error is above, "
+            f"its log in {run_dir}/run.log or run.rankN.log. Resume: python -m qlora_recipes train {run_dir} --resume",
+        )
 
 
 def cmd_run(overrides: list[str], multirun: bool) -> None:
@@ -208,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as exc:
         print(f"interrupted: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    except LaunchFailed as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.returncode
     except KeyboardInterrupt:
         print("interrupted before a checkpoint could be saved; the last complete one resumes", file=sys.stderr)
         return 130

@@ -15,3 +15,11 @@ class Interrupted(Exception):
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
+
+
+class LaunchFailed(Exception):
+    """A multi-process job ended with a non-zero code; the failing rank's error was printed by it."""
+
+    def __init__(self, returncode: int, message: str):
+        super().__init__(message)
+        self.returncode = returncode

@@ -5,6 +5,7 @@ The one thin step that imports torch/transformers/peft/trl; every decision was m
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,8 +59,8 @@ def from_pretrained_kwargs(resolved: Resolved) -> dict[str, Any]:
     quant = bnb_config(plan.bnb_kwargs(resolved.recipe))
     if quant is not None:
         kwargs["quantization_config"] = quant
-        if resolved.device.kind == "cuda" and resolved.recipe.dist.num_processes == 1:
-            kwargs["device_map"] = {"": 0}
+        if resolved.device.kind == "cuda":  # each process loads its own copy on its own GPU
+            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     return kwargs
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_recipes.schema import Precision, RecipeConfig, Strategy
+from qlora_recipes.schema import DistBackend, Precision, RecipeConfig, Strategy
 
 # Linear layers of a Llama-family decoder block; used only to describe a plan before a model is loaded.
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -134,18 +134,39 @@ def sft_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = Fals
         kwargs["eval_steps"] = t.eval_steps
     if t.gradient_checkpointing:
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": t.use_reentrant}
+    if recipe.dist.num_processes > 1:
+        kwargs["ddp_find_unused_parameters"] = False  # frozen base weights are not "unused" parameters
     return kwargs
 
 
 def accelerate_config(recipe: RecipeConfig, on_cpu: bool) -> dict[str, Any]:
-    """The accelerate launch config (the fields of `accelerate config`'s YAML) for dist=single."""
+    """The accelerate launch config (the fields of `accelerate config`'s YAML)."""
     mixed = {Precision.bf16: "bf16", Precision.fp16: "fp16"}.get(recipe.trainer.precision, "no")
+    distributed = "NO"
+    if recipe.dist.backend is DistBackend.ddp and recipe.dist.num_processes > 1:
+        distributed = "MULTI_CPU" if on_cpu else "MULTI_GPU"
     return {
         "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": "NO",
+        "distributed_type": distributed,
         "num_machines": 1,
         "num_processes": recipe.dist.num_processes,
         "machine_rank": 0,
         "mixed_precision": mixed,
         "use_cpu": on_cpu,
     }
+
+
+def launch_command(recipe: RecipeConfig, run_dir: str | Path, on_cpu: bool, python: str = "python") -> list[str] | None:
+    """How `run` starts the workers; None = train in-process (one process).
+
+    Several GPUs: accelerate's launcher with the generated config (torchrun underneath: one failing rank
+    ends the job). Several CPU processes (gloo; tests and CPU-only hosts): torchrun directly, since
+    accelerate launches multi-CPU jobs only through mpirun."""
+    processes = recipe.dist.num_processes
+    if processes == 1:
+        return None
+    worker = ["-m", "qlora_recipes", "train", str(run_dir)]
+    if on_cpu:
+        return [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *worker]
+    config = str(Path(run_dir) / "accelerate_config.yaml")
+    return [python, "-m", "accelerate.commands.launch", "--config_file", config, *worker]

@@ -19,6 +19,7 @@ from qlora_recipes.schema import (
     Attention,
     Backend,
     DataFormat,
+    DistBackend,
     DType,
     LossOn,
     ModelSource,
@@ -110,8 +111,14 @@ def resolve(cfg: DictConfig | RecipeConfig, device: Device) -> Resolved:
             why = "flash-attn is not installed" if device.kind == "cuda" else "CPU"
             notes.append(f"model.attn_implementation auto -> sdpa ({why}; PyTorch's fused attention)")
 
+    processes = recipe.dist.num_processes
+    if processes == 0:
+        processes = max(device.count, 1)
+        notes.append(f"dist.num_processes 0 -> {processes} (one per visible GPU)")
+
     recipe = replace(
         recipe,
+        dist=replace(recipe.dist, num_processes=processes),
         model=replace(recipe.model, dtype=dtype, attn_implementation=attn),
         quant=replace(recipe.quant, compute_dtype=compute),
         trainer=replace(recipe.trainer, precision=precision),
@@ -149,7 +156,16 @@ def validate(resolved: Resolved) -> None:
     need(t.max_grad_norm >= 0, f"trainer.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 disables clipping)")
     need(t.task_eval_samples >= 0, "trainer.task_eval_samples must be >= 0")
     need(t.max_new_tokens >= 1, "trainer.max_new_tokens must be >= 1")
-    need(r.dist.num_processes >= 1, f"dist.num_processes={r.dist.num_processes}: must be >= 1")
+    need(r.dist.num_processes >= 1, f"dist.num_processes={r.dist.num_processes}: must be >= 1 (or 0 = all GPUs)")
+    need(
+        r.dist.backend is not DistBackend.single or r.dist.num_processes == 1,
+        f"dist=single runs one process, not {r.dist.num_processes}: use dist=ddp for several",
+    )
+    if device.kind == "cuda":
+        need(
+            r.dist.num_processes <= device.count,
+            f"dist.num_processes={r.dist.num_processes} but {device.count} GPU(s) are visible",
+        )
     if t.batch_size >= 1 and t.micro_batch_size >= 1 and r.dist.num_processes >= 1:
         per_step = t.micro_batch_size * r.dist.num_processes
         need(

@@ -31,13 +31,19 @@ log = logging.getLogger("qlora_recipes")
 # ---------------------------------------------------------------- setup
 
 
+def process_rank() -> int:
+    """This process's rank under torchrun/accelerate launch (0 when training in one process)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 @contextmanager
 def run_logging(run_dir: Path):
     """Everything at the recipe's log level into run.log; the console gets our lines and library warnings.
     The handlers are removed afterwards, so runs in one process (sweeps, tests) never share a log."""
     import transformers
 
-    file_handler = logging.FileHandler(run_dir / "run.log")
+    rank = process_rank()
+    file_handler = logging.FileHandler(run_dir / ("run.log" if rank == 0 else f"run.rank{rank}.log"))
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     ours = logging.StreamHandler(sys.stdout)
     ours.setFormatter(logging.Formatter("[qlora_recipes] %(message)s"))
@@ -45,12 +51,13 @@ def run_logging(run_dir: Path):
     libraries.setLevel(logging.WARNING)
     libraries.setFormatter(logging.Formatter("[%(name)s] %(levelname)s: %(message)s"))
     transformers.utils.logging.disable_default_handler()
+    console = (libraries,) if rank == 0 else ()  # other ranks write only their own file
     attached = [
         (logging.getLogger(name), handler)
         for name in ("transformers", "trl", "peft")
-        for handler in (file_handler, libraries)
+        for handler in (file_handler, *console)
     ]
-    attached += [(log, file_handler), (log, ours)]
+    attached += [(log, file_handler)] + ([(log, ours)] if rank == 0 else [])
     for logger, handler in attached:
         logger.addHandler(handler)
     log.setLevel(logging.INFO)
@@ -123,7 +130,7 @@ def setup_model(resolved: Resolved, checkpoint: str, tokenizer: Any, new_token_i
     t = recipe.trainer
     model.config.use_cache = not t.gradient_checkpointing
     quantized = recipe.quant.load_in_4bit or recipe.quant.load_in_8bit
-    if quantized and recipe.dist.num_processes == 1:
+    if quantized:  # single and DDP keep whole models per process; sharded backends must skip this
         # Casts the unquantized params (norms, embeddings) to fp32 for stable training and makes
         # inputs require grads so checkpointed blocks backpropagate into the adapters.
         from peft import prepare_model_for_kbit_training
@@ -367,8 +374,9 @@ def peak_memory_gib() -> dict[str, float]:
 def save(trainer: Any, tokenizer: Any, recipe: RecipeConfig, run_dir: Path) -> Path:
     """The adapter (PeftModel.from_pretrained loads it) or full model, with the tokenizer and chat template."""
     out = run_dir / ("adapter" if recipe.lora.enabled else "model")
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
+    trainer.save_model(str(out))  # the main process writes; the others wait
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(str(out))
     return out
 
 
@@ -454,7 +462,8 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
     log_trainable(report)
     trainer = setup_trainer(resolved, model, tokenizer, prepared, run_dir)
 
-    examples = data_mod.task_examples(prepared, recipe.data, recipe.trainer.task_eval_samples)
+    main = process_rank() == 0  # evaluation runs on every rank; generation, files and summary on rank 0
+    examples = data_mod.task_examples(prepared, recipe.data, recipe.trainer.task_eval_samples) if main else []
     loss_before = task_before = None
     if recipe.trainer.eval_before_train and resume is None:
         log.info("evaluating the base model before training")
@@ -474,6 +483,8 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
     loss_after = eval_loss(trainer)
     task_after = task_score(trainer.model, tokenizer, examples, recipe) if examples else None
     saved = save(trainer, tokenizer, recipe, run_dir)
+    if not main:
+        return {"rank": process_rank(), "steps": trainer.state.global_step}
     write_samples(run_dir / "samples.md", task_before, task_after)
     metrics = {
         "recipe": recipe.name,

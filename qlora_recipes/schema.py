@@ -117,7 +117,8 @@ class TaskMetric(Enum):
 
 
 class DistBackend(Enum):
-    single = "single"
+    single = "single"  # one process, in the `run` process itself
+    ddp = "ddp"  # one full model copy per process, gradients all-reduced (torchrun / accelerate launch)
 
 
 class Backend(Enum):
@@ -181,7 +182,7 @@ class TemplateConfig:
 @dataclass
 class DistConfig:
     backend: DistBackend = DistBackend.single
-    num_processes: int = 1
+    num_processes: int = 1  # 0 = one per visible GPU
 
 
 @dataclass

@@ -39,12 +39,21 @@ def losses(run_dir):
 
 
 def start(run_dir, *extra):
-    return subprocess.Popen(
-        [sys.executable, "-m", "qlora_recipes", "run", *RUN, *extra, f"output_dir={run_dir}"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """The run as a child process; its output goes to files (an unread pipe would fill and block it)."""
+    err_path = f"{run_dir}.stderr"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "qlora_recipes", "run", *RUN, *extra, f"output_dir={run_dir}"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    proc.err_path = err_path
+    return proc
+
+
+def stderr_of(proc):
+    with open(proc.err_path) as err:
+        return err.read()
 
 
 def wait_for_checkpoint(run_dir, step, proc, timeout=240):
@@ -53,7 +62,7 @@ def wait_for_checkpoint(run_dir, step, proc, timeout=240):
         if rundir.is_complete_checkpoint(run_dir / f"checkpoint-{step}"):
             return
         if proc.poll() is not None:
-            pytest.fail(f"training ended before checkpoint-{step}: {proc.stderr.read()[-2000:]}")
+            pytest.fail(f"training ended before checkpoint-{step}: {stderr_of(proc)[-2000:]}")
         time.sleep(0.02)
     pytest.fail("no checkpoint in time")
 
@@ -62,7 +71,7 @@ def wait_for_checkpoint(run_dir, step, proc, timeout=240):
 def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ref") / "run"
     proc = start(run_dir)
-    assert proc.wait() == 0, proc.stderr.read()[-2000:]
+    assert proc.wait() == 0, stderr_of(proc)[-2000:]
     return losses(run_dir)
 
 
@@ -94,7 +103,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
         time.sleep(0.05)
     time.sleep(1.0)  # inside the training loop
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    err = stderr_of(proc)
     assert proc.returncode == 128 + signal.SIGTERM
     assert "Traceback" not in err and "--resume" in err
     latest = rundir.latest_checkpoint(run_dir)

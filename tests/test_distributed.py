@@ -1,0 +1,117 @@
+"""dist=ddp: several processes through torchrun (gloo on CPU here); a failing rank ends the job promptly."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from qlora_recipes import cli, plan
+from qlora_recipes.resolve import Device
+
+DDP = [
+    "dist=ddp",
+    "dist.num_processes=2",
+    "trainer.micro_batch_size=4",
+    "model=tiny_llama",
+    "template.add_tokens=false",
+    "lora.last_n_layers=null",
+    "trainer.learning_rate=1e-2",
+    "trainer.loss_on=all",
+    "trainer.task_eval_samples=4",
+    "trainer.max_new_tokens=4",
+    "data.max_train_samples=160",
+    "data.max_eval_samples=16",
+    "report_to=[]",
+]
+
+
+def test_ddp_on_two_cpu_processes(tmp_path):
+    run_dir = tmp_path / "run"
+    assert cli.main(["run", *DDP, "trainer.max_steps=20", f"output_dir={run_dir}"]) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == 20
+    assert metrics["eval"]["loss_after"] < 0.8 * metrics["eval"]["loss_before"]
+    state = json.loads((run_dir / "checkpoint-20" / "trainer_state.json").read_text())
+    assert state["epoch"] == 1.0  # 160 samples / (4 per process x 2 processes) = 20 steps: the data was sharded
+    assert (run_dir / "run.rank1.log").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_one_rank_dying_ends_the_job_promptly(tmp_path):
+    run_dir = tmp_path / "run"
+    err_file = tmp_path / "stderr.txt"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qlora_recipes",
+            "run",
+            *DDP,
+            "trainer.max_steps=100000",
+            "data.max_train_samples=800",
+            f"output_dir={run_dir}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=err_file.open("w"),
+    )  # files: a full pipe would block
+    deadline = time.time() + 180
+    while not (run_dir / "run.log").is_file() or "Running training" not in (run_dir / "run.log").read_text():
+        assert time.time() < deadline and proc.poll() is None, "training never started"
+        time.sleep(0.2)
+    time.sleep(2)
+    rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGKILL)
+    killed = time.time()
+    proc.wait(timeout=120)
+    err = err_file.read_text()
+    assert time.time() - killed < 60  # no hang waiting on the dead rank's collectives
+    assert proc.returncode not in (0, None)
+    assert "training processes failed" in err and "rank" in err.lower() and "Traceback" not in err.split("error:")[-1]
+
+
+def test_launch_plan():
+    from qlora_recipes.compose import compose
+
+    cfg, _ = compose(["+recipe=llama2_chatml", "dist=ddp", "trainer.batch_size=8"])
+    from qlora_recipes.resolve import resolve
+
+    gpu = resolve(cfg, Device("cuda", 2, True)).recipe
+    assert gpu.dist.num_processes == 2  # 0 = every visible GPU
+    assert plan.accelerate_config(gpu, on_cpu=False)["distributed_type"] == "MULTI_GPU"
+    assert (
+        plan.gradient_accumulation_steps(gpu) == 4 and plan.sft_kwargs(gpu, "r")["ddp_find_unused_parameters"] is False
+    )
+    assert plan.launch_command(gpu, "/r", on_cpu=False)[1:] == [
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "/r/accelerate_config.yaml",
+        "-m",
+        "qlora_recipes",
+        "train",
+        "/r",
+    ]
+    single = resolve(compose(["+recipe=llama2_chatml"])[0], Device("cuda", 2, True)).recipe
+    assert plan.launch_command(single, "/r", on_cpu=False) is None
+
+
+@pytest.mark.parametrize(
+    "overrides, device, message",
+    [
+        (["dist.num_processes=2"], Device(), "use dist=ddp"),
+        (
+            ["dist=ddp", "dist.num_processes=4", "trainer.batch_size=32"],
+            Device("cuda", 2, True),
+            r"2 GPU\(s\) are visible",
+        ),
+    ],
+)
+def test_process_count_rules(recipe_of, overrides, device, message):
+    from qlora_recipes.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        recipe_of(*overrides, device=device)
