@@ -36,3 +36,33 @@ def tiny_checkpoint():
     from qlora_recipes.models import tiny_checkpoint as build
 
     return str(build())
+
+
+# A short tiny-model training run: overrides every train-through-the-CLI test starts from.
+TINY_TRAIN = [
+    "model=tiny_llama",
+    "template.add_tokens=false",
+    "lora.last_n_layers=null",
+    "trainer.learning_rate=1e-2",
+    "trainer.loss_on=all",  # the template tokens are learnable even for a random 2-layer model
+    "trainer.task_eval_samples=4",
+    "trainer.max_new_tokens=4",
+    "data.max_train_samples=160",
+    "data.max_eval_samples=16",
+    "report_to=[]",
+]
+
+
+@pytest.fixture
+def train_run(tmp_path):
+    """train_run(*overrides, base=TINY_TRAIN) -> (run_dir, metrics): `run` through the CLI, in-process."""
+    import json
+
+    from qlora_recipes import cli
+
+    def run(*overrides, base=TINY_TRAIN):
+        run_dir = tmp_path / "run"
+        assert cli.main(["run", *base, *overrides, f"output_dir={run_dir}"]) == 0
+        return run_dir, json.loads((run_dir / "metrics.json").read_text())
+
+    return run

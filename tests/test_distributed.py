@@ -8,31 +8,16 @@ import time
 
 import psutil
 import pytest
+from conftest import TINY_TRAIN
 
-from qlora_recipes import cli, plan
+from qlora_recipes import plan
 from qlora_recipes.resolve import Device
 
-DDP = [
-    "dist=ddp",
-    "dist.num_processes=2",
-    "trainer.micro_batch_size=4",
-    "model=tiny_llama",
-    "template.add_tokens=false",
-    "lora.last_n_layers=null",
-    "trainer.learning_rate=1e-2",
-    "trainer.loss_on=all",
-    "trainer.task_eval_samples=4",
-    "trainer.max_new_tokens=4",
-    "data.max_train_samples=160",
-    "data.max_eval_samples=16",
-    "report_to=[]",
-]
+DDP = ["dist=ddp", "dist.num_processes=2", "trainer.micro_batch_size=4"]
 
 
-def test_ddp_on_two_cpu_processes(tmp_path):
-    run_dir = tmp_path / "run"
-    assert cli.main(["run", *DDP, "trainer.max_steps=20", f"output_dir={run_dir}"]) == 0
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+def test_ddp_on_two_cpu_processes(train_run):
+    run_dir, metrics = train_run(*DDP, "trainer.max_steps=20")
     assert metrics["train"]["steps"] == 20
     assert metrics["eval"]["loss_after"] < 0.8 * metrics["eval"]["loss_before"]
     state = json.loads((run_dir / "checkpoint-20" / "trainer_state.json").read_text())
@@ -49,6 +34,7 @@ def test_one_rank_dying_ends_the_job_promptly(tmp_path):
             "-m",
             "qlora_recipes",
             "run",
+            *TINY_TRAIN,
             *DDP,
             "trainer.max_steps=100000",
             "data.max_train_samples=800",

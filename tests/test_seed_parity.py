@@ -1,7 +1,5 @@
 """llama2_chatml reproduces PEFT examples/sft's command flag for flag; its capabilities train on CPU."""
 
-import json
-
 import pytest
 import torch
 
@@ -115,24 +113,13 @@ def test_show_prints_every_value(capsys):
         assert text in out, text
 
 
-def test_llama2_chatml_trains_tiny_model_on_cpu_and_learns_new_token_rows(tmp_path, tiny_checkpoint):
+def test_llama2_chatml_trains_tiny_model_on_cpu_and_learns_new_token_rows(train_run, tiny_checkpoint):
     """The same code path as on a GPU (4-bit, packing, reentrant checkpointing, added ChatML tokens)."""
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run_dir = tmp_path / "run"
-    args = [
-        "run",
-        "+recipe=llama2_chatml",
-        "model=tiny_llama",
-        "data=demo_dates",
-        "trainer.max_steps=6",
-        "trainer.learning_rate=1e-2",
-        "data.max_eval_samples=8",
-        f"output_dir={run_dir}",
-    ]
-    assert cli.main(args) == 0
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    base = ["+recipe=llama2_chatml", "model=tiny_llama", "data=demo_dates", "data.max_eval_samples=8"]
+    run_dir, metrics = train_run("trainer.max_steps=6", "trainer.learning_rate=1e-2", base=base)
     assert metrics["train"]["steps"] == 6 and metrics["train"]["train_tokens"] > 0
 
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "adapter")
