@@ -35,12 +35,12 @@ test-gpu: install  ## GPU tests (need CUDA; they skip without it)
 	$(BIN)/python -m pytest -q -m gpu
 
 lint: install  ## ruff lint and format check
-	$(BIN)/ruff check qlora_recipes tests
-	$(BIN)/ruff format --check qlora_recipes tests
+	$(BIN)/ruff check qlora_recipes tests scripts
+	$(BIN)/ruff format --check qlora_recipes tests scripts
 
 fmt: install  ## ruff autofix and format
-	$(BIN)/ruff check --fix qlora_recipes tests
-	$(BIN)/ruff format qlora_recipes tests
+	$(BIN)/ruff check --fix qlora_recipes tests scripts
+	$(BIN)/ruff format qlora_recipes tests scripts
 
 clean:  ## remove the venv and caches (not runs/ or the model cache)
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

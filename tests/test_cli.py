@@ -93,3 +93,29 @@ def test_installed_package_ships_conf_and_recipes(tmp_path):
     result = cli("show", cwd=elsewhere, env={"PYTHONPATH": str(target)})
     assert result.returncode == 0, result.stderr
     assert str(target / "qlora_recipes" / "demo_data" / "dates") in result.stdout
+
+
+def test_multirun_sweeps_each_job_into_its_own_run_dir(tmp_path):
+    from conftest import TINY_TRAIN
+
+    sweep = tmp_path / "sweep"
+    result = cli(
+        "run",
+        "--multirun",
+        *TINY_TRAIN,
+        "lora.r=4,8",
+        "trainer.max_steps=2",
+        "trainer.task_eval_samples=0",
+        "data.max_train_samples=16",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    ranks = sorted(
+        int(line.split()[-1])
+        for job in ("0", "1")
+        for line in (sweep / job / "recipe.yaml").read_text().splitlines()
+        if line.startswith("  r: ")
+    )
+    assert ranks == [4, 8]
+    assert (sweep / "0" / "metrics.json").is_file() and (sweep / "1" / "adapter").is_dir()

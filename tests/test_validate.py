@@ -18,6 +18,7 @@ GPU = Device(kind="cuda", count=1, bf16=True)
         (("trainer.precision=fp16",), None, "needs a CUDA GPU"),
         (("trainer.precision=bf16",), Device("cuda", 1, False), "has no bf16"),
         (("backend=unsloth",), None, "unsloth needs a CUDA GPU"),
+        (("backend=unsloth",), GPU, "unsloth package is not installed"),
         (("backend=unsloth", "dist.num_processes=2", "trainer.batch_size=16"), GPU, "single process"),
         (("model.attn_implementation=flash_attention_2",), GPU, "flash-attn is not installed"),
         (("template=tokenizer", "template.add_tokens=true"), None, "add_tokens=false"),
