@@ -24,9 +24,13 @@ class ModelFacts:
     linear_modules: tuple[str, ...] = LLAMA_LINEAR
 
 
+def world_size(recipe: RecipeConfig) -> int:
+    return recipe.dist.num_processes * recipe.dist.num_machines
+
+
 def gradient_accumulation_steps(recipe: RecipeConfig) -> int:
     t = recipe.trainer
-    return max(1, t.batch_size // (t.micro_batch_size * recipe.dist.num_processes))
+    return max(1, t.batch_size // (t.micro_batch_size * world_size(recipe)))
 
 
 def model_kwargs(recipe: RecipeConfig) -> dict[str, Any]:
@@ -134,26 +138,69 @@ def sft_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = Fals
         kwargs["eval_steps"] = t.eval_steps
     if t.gradient_checkpointing:
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": t.use_reentrant}
-    if recipe.dist.num_processes > 1:
+    if recipe.dist.backend is DistBackend.ddp and world_size(recipe) > 1:
         kwargs["ddp_find_unused_parameters"] = False  # frozen base weights are not "unused" parameters
     return kwargs
 
 
+SHARDED = (DistBackend.fsdp, DistBackend.zero3, DistBackend.zero3_offload)  # parameters split across GPUs
+DEEPSPEED_STAGE = {DistBackend.zero2: 2, DistBackend.zero3: 3, DistBackend.zero3_offload: 3}
+
+
+def shards_parameters(recipe: RecipeConfig) -> bool:
+    return recipe.dist.backend in SHARDED
+
+
 def accelerate_config(recipe: RecipeConfig, on_cpu: bool) -> dict[str, Any]:
-    """The accelerate launch config (the fields of `accelerate config`'s YAML)."""
+    """The accelerate launch config (the fields of `accelerate config`'s YAML). FSDP and ZeRO fields follow
+    PEFT's fsdp_config_qlora.yaml and deepspeed_config_z3_qlora.yaml."""
+    dist = recipe.dist
     mixed = {Precision.bf16: "bf16", Precision.fp16: "fp16"}.get(recipe.trainer.precision, "no")
-    distributed = "NO"
-    if recipe.dist.backend is DistBackend.ddp and recipe.dist.num_processes > 1:
-        distributed = "MULTI_CPU" if on_cpu else "MULTI_GPU"
-    return {
+    config: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
-        "distributed_type": distributed,
-        "num_machines": 1,
-        "num_processes": recipe.dist.num_processes,
-        "machine_rank": 0,
+        "distributed_type": "NO",
+        "num_machines": dist.num_machines,
+        "num_processes": dist.num_processes * dist.num_machines,  # accelerate counts all machines
+        "machine_rank": dist.machine_rank,
         "mixed_precision": mixed,
         "use_cpu": on_cpu,
+        "downcast_bf16": "no",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "main_training_function": "main",
     }
+    if dist.main_process_ip:
+        config["main_process_ip"] = dist.main_process_ip
+        config["main_process_port"] = dist.main_process_port
+    if dist.backend is DistBackend.ddp and dist.num_processes * dist.num_machines > 1:
+        config["distributed_type"] = "MULTI_CPU" if on_cpu else "MULTI_GPU"
+    elif dist.backend is DistBackend.fsdp:
+        config["distributed_type"] = "FSDP"
+        config["fsdp_config"] = {
+            "fsdp_version": 1,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "fsdp_backward_prefetch": "BACKWARD_PRE",
+            "fsdp_cpu_ram_efficient_loading": True,
+            "fsdp_forward_prefetch": False,
+            "fsdp_offload_params": dist.fsdp_offload_params,
+            "fsdp_sharding_strategy": "FULL_SHARD",
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_sync_module_states": True,
+            "fsdp_use_orig_params": False,
+        }
+    elif dist.backend in DEEPSPEED_STAGE:
+        stage = DEEPSPEED_STAGE[dist.backend]
+        offload = "cpu" if dist.backend is DistBackend.zero3_offload else "none"
+        config["distributed_type"] = "DEEPSPEED"
+        config["deepspeed_config"] = {
+            "deepspeed_multinode_launcher": "standard",
+            "offload_optimizer_device": offload,
+            "offload_param_device": offload,
+            "zero3_init_flag": stage == 3,
+            "zero3_save_16bit_model": stage == 3,
+            "zero_stage": stage,
+        }
+    return config
 
 
 def launch_command(recipe: RecipeConfig, run_dir: str | Path, on_cpu: bool, python: str = "python") -> list[str] | None:
@@ -163,7 +210,7 @@ def launch_command(recipe: RecipeConfig, run_dir: str | Path, on_cpu: bool, pyth
     ends the job). Several CPU processes (gloo; tests and CPU-only hosts): torchrun directly, since
     accelerate launches multi-CPU jobs only through mpirun."""
     processes = recipe.dist.num_processes
-    if processes == 1:
+    if processes == 1 and recipe.dist.num_machines == 1 and recipe.dist.backend is DistBackend.single:
         return None
     worker = ["-m", "qlora_recipes", "train", str(run_dir)]
     if on_cpu:

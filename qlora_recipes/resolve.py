@@ -166,13 +166,22 @@ def validate(resolved: Resolved) -> None:
             r.dist.num_processes <= device.count,
             f"dist.num_processes={r.dist.num_processes} but {device.count} GPU(s) are visible",
         )
-    if t.batch_size >= 1 and t.micro_batch_size >= 1 and r.dist.num_processes >= 1:
-        per_step = t.micro_batch_size * r.dist.num_processes
+    if t.batch_size >= 1 and t.micro_batch_size >= 1 and r.dist.num_processes >= 1 and r.dist.num_machines >= 1:
+        per_step = t.micro_batch_size * r.dist.num_processes * r.dist.num_machines
         need(
             t.batch_size % per_step == 0,
             f"trainer.batch_size={t.batch_size} is not a multiple of micro_batch_size * processes = {per_step}: "
             f"gradient accumulation must be a whole number (try trainer.batch_size={per_step * max(1, t.batch_size // per_step)})",
         )
+    need(r.dist.num_machines >= 1, f"dist.num_machines={r.dist.num_machines}: must be >= 1")
+    need(
+        0 <= r.dist.machine_rank < max(r.dist.num_machines, 1),
+        f"dist.machine_rank={r.dist.machine_rank}: must be in [0, dist.num_machines={r.dist.num_machines})",
+    )
+    need(
+        r.dist.num_machines == 1 or bool(r.dist.main_process_ip),
+        "dist.num_machines > 1 needs dist.main_process_ip (the rank-0 machine's address)",
+    )
     need(
         t.eval_strategy is not Strategy.steps or (t.eval_steps or 0) >= 1,
         "trainer.eval_strategy=steps needs trainer.eval_steps >= 1",
@@ -224,6 +233,24 @@ def validate(resolved: Resolved) -> None:
         "model.attn_implementation=flash_attention_2 but flash-attn is not installed (or no GPU): "
         "pip install flash-attn on a CUDA machine, or use model.attn_implementation=sdpa",
     )
+
+    # distributed backends
+    backend = r.dist.backend
+    if backend not in (DistBackend.single, DistBackend.ddp):
+        need(device.kind == "cuda", f"dist={backend.value} needs CUDA GPUs (NCCL); on CPU use dist=single or dist=ddp")
+        need(
+            not q.load_in_8bit,
+            f"dist={backend.value} with 8-bit weights: bitsandbytes int8 weights cannot be sharded or driven by "
+            "DeepSpeed. Use quant=nf4 (with quant.storage_dtype equal to the compute dtype) or dist=ddp",
+        )
+    if backend in (DistBackend.fsdp, DistBackend.zero3, DistBackend.zero3_offload) and q.load_in_4bit:
+        need(
+            q.storage_dtype.value == q.compute_dtype.value == r.model.dtype.value,
+            f"dist={backend.value} with 4-bit weights: FSDP/ZeRO-3 flatten and shard the packed 4-bit tensors "
+            f"with the other parameters, which needs one dtype: quant.storage_dtype ({q.storage_dtype.value}), "
+            f"quant.compute_dtype ({q.compute_dtype.value}) and model.dtype ({r.model.dtype.value}) must be equal "
+            "(e.g. all bfloat16)",
+        )
 
     # model
     if r.model.source is not ModelSource.hub_or_path:

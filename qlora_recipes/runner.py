@@ -124,13 +124,15 @@ def setup_model(resolved: Resolved, checkpoint: str, tokenizer: Any, new_token_i
         model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
     except (OSError, ValueError) as exc:
         raise RecipeError(f"cannot load model {checkpoint!r} as a causal LM: {str(exc).splitlines()[0]}") from None
-    if new_token_ids:
-        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8)
+    quantized = recipe.quant.load_in_4bit or recipe.quant.load_in_8bit
+    sharded = plan.shards_parameters(recipe)
+    if new_token_ids:  # mean-resizing reads the whole embedding: not with sharded or quantized weights
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8, mean_resizing=not (sharded or quantized))
     model.config.pad_token_id = tokenizer.pad_token_id
     t = recipe.trainer
     model.config.use_cache = not t.gradient_checkpointing
-    quantized = recipe.quant.load_in_4bit or recipe.quant.load_in_8bit
-    if quantized:  # single and DDP keep whole models per process; sharded backends must skip this
+    if quantized and not sharded:
+        # Skipped under FSDP/ZeRO-3: its fp32 upcast would mix dtypes in the flattened shards (docs/seed_parity.md).
         # Casts the unquantized params (norms, embeddings) to fp32 for stable training and makes
         # inputs require grads so checkpointed blocks backpropagate into the adapters.
         from peft import prepare_model_for_kbit_training
@@ -186,7 +188,7 @@ def trainable_report(model: Any) -> dict[str, Any]:
     """Names, shapes and dtypes of the trainable parameters, and the counts (the original's print helper)."""
     rows, trainable, total = [], 0, 0
     for name, param in model.named_parameters():
-        count = param.numel()
+        count = getattr(param, "ds_numel", param.numel())  # ZeRO-3 partitions leave numel() == 0
         if hasattr(param, "quant_state"):  # 4-bit params store two values per byte
             count *= 2
         total += count
@@ -374,6 +376,8 @@ def peak_memory_gib() -> dict[str, float]:
 def save(trainer: Any, tokenizer: Any, recipe: RecipeConfig, run_dir: Path) -> Path:
     """The adapter (PeftModel.from_pretrained loads it) or full model, with the tokenizer and chat template."""
     out = run_dir / ("adapter" if recipe.lora.enabled else "model")
+    if trainer.is_fsdp_enabled:  # gather the shards into one ordinary state dict, as the original did
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     trainer.save_model(str(out))  # the main process writes; the others wait
     if trainer.args.should_save:
         tokenizer.save_pretrained(str(out))
@@ -464,6 +468,9 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
 
     main = process_rank() == 0  # evaluation runs on every rank; generation, files and summary on rank 0
     examples = data_mod.task_examples(prepared, recipe.data, recipe.trainer.task_eval_samples) if main else []
+    if examples and plan.shards_parameters(recipe):
+        log.info("task metric skipped: generating on one rank needs every shard (FSDP/ZeRO-3)")
+        examples = []
     loss_before = task_before = None
     if recipe.trainer.eval_before_train and resume is None:
         log.info("evaluating the base model before training")

@@ -119,6 +119,10 @@ class TaskMetric(Enum):
 class DistBackend(Enum):
     single = "single"  # one process, in the `run` process itself
     ddp = "ddp"  # one full model copy per process, gradients all-reduced (torchrun / accelerate launch)
+    fsdp = "fsdp"  # PyTorch FSDP (v1): parameters, gradients and optimizer state sharded
+    zero2 = "zero2"  # DeepSpeed ZeRO-2: gradients and optimizer state sharded, parameters replicated
+    zero3 = "zero3"  # DeepSpeed ZeRO-3: everything sharded
+    zero3_offload = "zero3_offload"  # ZeRO-3 with parameters and optimizer state in CPU memory
 
 
 class Backend(Enum):
@@ -182,7 +186,12 @@ class TemplateConfig:
 @dataclass
 class DistConfig:
     backend: DistBackend = DistBackend.single
-    num_processes: int = 1  # 0 = one per visible GPU
+    num_processes: int = 1  # per machine; 0 = one per visible GPU
+    num_machines: int = 1
+    machine_rank: int = 0  # this machine's index; run the same command on every machine
+    main_process_ip: Optional[str] = None  # rank-0 machine's address, for num_machines > 1
+    main_process_port: int = 29500
+    fsdp_offload_params: bool = False  # FSDP: sharded parameters wait in CPU memory (less GPU memory, slower)
 
 
 @dataclass

@@ -66,3 +66,31 @@ def train_run(tmp_path):
         return run_dir, json.loads((run_dir / "metrics.json").read_text())
 
     return run
+
+
+@pytest.fixture
+def spawn():
+    """spawn(args, stderr_path) -> Popen of `python -m qlora_recipes ARGS`; output goes to a file (an unread
+    pipe would fill and block the child). Whatever is still running at teardown is killed, children too."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    started = []
+
+    def start(args, stderr_path):
+        with open(stderr_path, "w") as err:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "qlora_recipes", *args], stdout=subprocess.DEVNULL, stderr=err
+            )
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                child.kill()
+            proc.kill()
+            proc.wait()

@@ -2,8 +2,6 @@
 
 import json
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
@@ -25,24 +23,11 @@ def test_ddp_on_two_cpu_processes(train_run):
     assert (run_dir / "run.rank1.log").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_one_rank_dying_ends_the_job_promptly(tmp_path):
+def test_one_rank_dying_ends_the_job_promptly(tmp_path, spawn):
     run_dir = tmp_path / "run"
     err_file = tmp_path / "stderr.txt"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qlora_recipes",
-            "run",
-            *TINY_TRAIN,
-            *DDP,
-            "trainer.max_steps=100000",
-            "data.max_train_samples=800",
-            f"output_dir={run_dir}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=err_file.open("w"),
-    )  # files: a full pipe would block
+    args = ["run", *TINY_TRAIN, *DDP, "trainer.max_steps=100000", "data.max_train_samples=800", f"output_dir={run_dir}"]
+    proc = spawn(args, err_file)
     deadline = time.time() + 180
     while not (run_dir / "run.log").is_file() or "Running training" not in (run_dir / "run.log").read_text():
         assert time.time() < deadline and proc.poll() is None, "training never started"

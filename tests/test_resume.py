@@ -38,21 +38,8 @@ def losses(run_dir):
     return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
 
 
-def start(run_dir, *extra):
-    """The run as a child process; its output goes to files (an unread pipe would fill and block it)."""
-    err_path = f"{run_dir}.stderr"
-    with open(err_path, "w") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "qlora_recipes", "run", *RUN, *extra, f"output_dir={run_dir}"],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-        )
-    proc.err_path = err_path
-    return proc
-
-
 def stderr_of(proc):
-    with open(proc.err_path) as err:
+    with open(proc.args[-1].split("=", 1)[1] + ".stderr") as err:
         return err.read()
 
 
@@ -70,14 +57,19 @@ def wait_for_checkpoint(run_dir, step, proc, timeout=240):
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ref") / "run"
-    proc = start(run_dir)
-    assert proc.wait() == 0, stderr_of(proc)[-2000:]
+    with open(f"{run_dir}.stderr", "w") as err:
+        code = subprocess.run(
+            [sys.executable, "-m", "qlora_recipes", "run", *RUN, f"output_dir={run_dir}"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        ).returncode
+    assert code == 0, open(f"{run_dir}.stderr").read()[-2000:]
     return losses(run_dir)
 
 
-def test_kill_9_then_resume_auto_matches_uninterrupted_run(tmp_path, reference):
+def test_kill_9_then_resume_auto_matches_uninterrupted_run(tmp_path, reference, spawn):
     run_dir = tmp_path / "run"
-    proc = start(run_dir)
+    proc = spawn(["run", *RUN, f"output_dir={run_dir}"], f"{run_dir}.stderr")
     wait_for_checkpoint(run_dir, 10, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -94,9 +86,10 @@ def test_kill_9_then_resume_auto_matches_uninterrupted_run(tmp_path, reference):
     assert after and all(after[s] == reference[s] for s in after), (after, reference)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, spawn):
     run_dir = tmp_path / "run"
-    proc = start(run_dir, "trainer.save_steps=5000", "trainer.max_steps=5000")
+    args = ["run", *RUN, "trainer.save_steps=5000", "trainer.max_steps=5000", f"output_dir={run_dir}"]
+    proc = spawn(args, f"{run_dir}.stderr")
     deadline = time.time() + 240
     while not list(run_dir.glob("run.log")) or "Running training" not in (run_dir / "run.log").read_text():
         assert time.time() < deadline and proc.poll() is None

@@ -1,0 +1,108 @@
+"""Generated accelerate configs for FSDP / ZeRO (golden, from PEFT's examples/sft files) and their QLoRA rules."""
+
+import pytest
+
+from qlora_recipes import plan
+from qlora_recipes.errors import RecipeError
+from qlora_recipes.resolve import Device
+
+GPUS = Device(kind="cuda", count=2, bf16=True)
+SHARDED_QLORA = ("+recipe=llama2_chatml", "trainer.batch_size=8")  # bf16 storage = compute, as required
+
+# deepspeed_config_z3_qlora.yaml
+ZERO3 = {
+    "distributed_type": "DEEPSPEED",
+    "mixed_precision": "bf16",
+    "num_machines": 1,
+    "num_processes": 2,
+    "machine_rank": 0,
+    "rdzv_backend": "static",
+    "same_network": True,
+    "deepspeed_config": {
+        "deepspeed_multinode_launcher": "standard",
+        "offload_optimizer_device": "none",
+        "offload_param_device": "none",
+        "zero3_init_flag": True,
+        "zero3_save_16bit_model": True,
+        "zero_stage": 3,
+    },
+}
+# fsdp_config_qlora.yaml (offload off by default here)
+FSDP = {
+    "distributed_type": "FSDP",
+    "fsdp_config": {
+        "fsdp_version": 1,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_backward_prefetch": "BACKWARD_PRE",
+        "fsdp_cpu_ram_efficient_loading": True,
+        "fsdp_forward_prefetch": False,
+        "fsdp_offload_params": False,
+        "fsdp_sharding_strategy": "FULL_SHARD",
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+        "fsdp_sync_module_states": True,
+        "fsdp_use_orig_params": False,
+    },
+}
+
+
+@pytest.mark.parametrize("backend, golden", [("zero3", ZERO3), ("fsdp", FSDP)])
+def test_golden_accelerate_configs(recipe_of, backend, golden):
+    recipe = recipe_of(*SHARDED_QLORA, f"dist={backend}", device=GPUS).recipe
+    config = plan.accelerate_config(recipe, on_cpu=False)
+    for key, value in golden.items():
+        assert config[key] == value, key
+
+
+def test_offload_options(recipe_of):
+    fsdp = recipe_of(*SHARDED_QLORA, "dist=fsdp", "dist.fsdp_offload_params=true", device=GPUS).recipe
+    assert plan.accelerate_config(fsdp, on_cpu=False)["fsdp_config"]["fsdp_offload_params"] is True
+    zero = recipe_of(*SHARDED_QLORA, "dist=zero3_offload", device=GPUS).recipe
+    ds = plan.accelerate_config(zero, on_cpu=False)["deepspeed_config"]
+    assert (ds["offload_optimizer_device"], ds["offload_param_device"], ds["zero_stage"]) == ("cpu", "cpu", 3)
+    zero2 = recipe_of(*SHARDED_QLORA, "dist=zero2", device=GPUS).recipe
+    assert plan.accelerate_config(zero2, on_cpu=False)["deepspeed_config"]["zero_stage"] == 2
+
+
+def test_multi_node_fields_flow_into_the_launch(recipe_of):
+    recipe = recipe_of(
+        *SHARDED_QLORA,
+        "dist=zero3",
+        "trainer.batch_size=16",
+        "dist.num_machines=2",
+        "dist.machine_rank=1",
+        "dist.main_process_ip=10.1.2.3",
+        "dist.main_process_port=29600",
+        device=GPUS,
+    ).recipe
+    config = plan.accelerate_config(recipe, on_cpu=False)
+    assert (config["num_machines"], config["machine_rank"], config["num_processes"]) == (2, 1, 4)
+    assert (config["main_process_ip"], config["main_process_port"]) == ("10.1.2.3", 29600)
+    assert plan.gradient_accumulation_steps(recipe) == 4  # 16 / (1 x 2 GPUs x 2 machines)
+    assert plan.launch_command(recipe, "/r", on_cpu=False)[2:5] == [
+        "accelerate.commands.launch",
+        "--config_file",
+        "/r/accelerate_config.yaml",
+    ]
+
+
+def test_sharded_loading_leaves_placement_to_the_backend(recipe_of):
+    from qlora_recipes.materialize import from_pretrained_kwargs
+
+    assert "device_map" not in from_pretrained_kwargs(recipe_of(*SHARDED_QLORA, "dist=fsdp", device=GPUS))
+    assert from_pretrained_kwargs(recipe_of(*SHARDED_QLORA, "dist=ddp", device=GPUS))["device_map"] == {"": 0}
+
+
+@pytest.mark.parametrize(
+    "overrides, device, message",
+    [
+        (("dist=fsdp", "quant=int8"), GPUS, "8-bit weights"),
+        (("dist=zero3", "quant.storage_dtype=uint8"), GPUS, "must be equal"),
+        (("dist=fsdp", "quant.compute_dtype=float16"), GPUS, "must be equal"),
+        (("dist=zero3", "dist.num_processes=2"), Device(), "needs CUDA GPUs"),
+        (("dist=zero3", "dist.num_machines=2", "trainer.batch_size=16"), GPUS, "main_process_ip"),
+        (("dist=zero3", "dist.machine_rank=1"), GPUS, "machine_rank=1"),
+    ],
+)
+def test_sharded_qlora_rules(recipe_of, overrides, device, message):
+    with pytest.raises(RecipeError, match=message):
+        recipe_of(*SHARDED_QLORA, *overrides, device=device)
