@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# 2-GPU smoke run of each multi-process backend on the tiny Llama through `run` (device tool, carry .whl).
+# Prints one line per backend: exit code, first/last logged loss, and whether the adapter reloads on one GPU.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/cards.txt"
+python3 -c "import torch,transformers,peft,trl,accelerate,bitsandbytes,deepspeed;print('torch',torch.__version__,'transformers',transformers.__version__,'peft',peft.__version__,'trl',trl.__version__,'accelerate',accelerate.__version__,'bitsandbytes',bitsandbytes.__version__,'deepspeed',deepspeed.__version__)" 2>/dev/null | tee "$OUT/versions.txt"
+for dist in ${DISTS:-ddp fsdp zero3}; do
+  run=/tmp/runs/$dist
+  python3 -m qlora_recipes run +recipe=llama2_chatml model=tiny_llama data=demo_dates "dist=$dist" \
+    trainer.batch_size=8 trainer.micro_batch_size=2 trainer.max_steps=20 trainer.save_steps=10 \
+    trainer.eval_strategy=no trainer.learning_rate=1e-3 data.max_eval_samples=16 'report_to=[]' \
+    "output_dir=$run" > "$OUT/$dist.log" 2>&1
+  code=$?
+  python3 - "$run" "$dist" "$code" <<'PY' 2>>"$OUT/$dist.log" | tee -a "$OUT/summary.txt"
+import json, sys, torch
+run, dist, code = sys.argv[1:]
+try:
+    m = json.load(open(f"{run}/metrics.json"))
+    t = m["train"]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(f"{run}/adapter")
+    base_path = json.load(open(f"{run}/adapter/adapter_config.json"))["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.bfloat16).cuda()
+    base.resize_token_embeddings(len(tok), pad_to_multiple_of=8)
+    model = PeftModel.from_pretrained(base, f"{run}/adapter").cuda()
+    logits = model(**tok(["<|im_start|>user\nhi<|im_end|>\n"], return_tensors="pt").to("cuda")).logits
+    print(f"{dist}: exit {code}, loss {t['first_logged_loss']:.4f} -> {t['last_logged_loss']:.4f} over {t['steps']} steps, "
+          f"{t['tokens_per_s']:.0f} tok/s, adapter reloads on 1 GPU: finite logits {bool(torch.isfinite(logits).all())}")
+except Exception as exc:
+    print(f"{dist}: exit {code}, FAILED: {type(exc).__name__}: {exc}")
+PY
+  tail -5 "$OUT/$dist.log" | cut -c1-300
+done
