@@ -252,6 +252,14 @@ def validate(resolved: Resolved) -> None:
             "(e.g. all bfloat16)",
         )
 
+    need(
+        not (backend is DistBackend.fsdp and tpl.add_tokens and lora.enabled and lora.train_new_tokens),
+        "dist=fsdp with trainable new-token rows: FSDP v1 (use_orig_params=false) cannot flatten the trainable "
+        "rows with the frozen embedding they live in (measured on 2 GPUs, docs/gpu.md). Set "
+        "lora.train_new_tokens=false (the rows keep their initial values, as in the original), use a template "
+        "without new tokens (template=tokenizer), or dist=zero3",
+    )
+
     # model
     if r.model.source is not ModelSource.hub_or_path:
         need(

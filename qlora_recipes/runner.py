@@ -233,7 +233,8 @@ def model_loss_trainer_class() -> type:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:  # padding-free batches (packing) carry position_ids instead of a mask
                 mask = inputs.get("attention_mask")
-                local = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].size(1))
+                ids = inputs["position_ids"]
+                local = mask.sum() if mask is not None else torch.tensor(ids.size(1), device=ids.device)
                 self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item()
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
@@ -241,22 +242,35 @@ def model_loss_trainer_class() -> type:
     return ModelLossSFTTrainer
 
 
-def setup_trainer(resolved: Resolved, model: Any, tokenizer: Any, prepared: data_mod.Prepared, run_dir: Path) -> Any:
+def setup_args(resolved: Resolved, run_dir: Path) -> Any:
+    """SFTConfig, built before the model loads: creating it sets each process's GPU and, under ZeRO-3,
+    registers the DeepSpeed config that makes from_pretrained partition the weights as they load."""
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    return sft_config(plan.sft_kwargs(resolved.recipe, run_dir, on_cpu=resolved.device.kind == "cpu"))
+
+
+def setup_trainer(args: Any, model: Any, tokenizer: Any, prepared: data_mod.Prepared) -> Any:
     from trl import SFTTrainer
 
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-    args = sft_config(plan.sft_kwargs(resolved.recipe, run_dir, on_cpu=resolved.device.kind == "cpu"))
     if prepared.eval is None and args.eval_strategy != "no":
         log.info("no eval split: evaluation during training is off")
         args.eval_strategy = "no"
     trainer_class = model_loss_trainer_class() if head_is_wrapped(model) else SFTTrainer
-    return trainer_class(
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=prepared.train,
         eval_dataset=prepared.eval,
         processing_class=tokenizer,
     )
+    fsdp_plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if fsdp_plugin is not None and hasattr(model, "peft_config"):
+        # As the original: wrap the LoRA layers in their own FSDP units, since FSDP v1 (use_orig_params=False)
+        # cannot flatten frozen base weights and trainable adapters into one parameter.
+        from peft.utils.other import fsdp_auto_wrap_policy
+
+        fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
+    return trainer
 
 
 class GracefulStop:
@@ -461,10 +475,11 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
     tokenizer, new_ids = setup_tokenizer(recipe, checkpoint)
     prepared = data_mod.prepare(recipe, tokenizer)  # data errors surface before the weights load
     log.info("data: %s", json.dumps(prepared.stats))
+    args = setup_args(resolved, run_dir)
     model = setup_model(resolved, checkpoint, tokenizer, new_ids)
     report = trainable_report(model)
     log_trainable(report)
-    trainer = setup_trainer(resolved, model, tokenizer, prepared, run_dir)
+    trainer = setup_trainer(args, model, tokenizer, prepared)
 
     main = process_rank() == 0  # evaluation runs on every rank; generation, files and summary on rank 0
     examples = data_mod.task_examples(prepared, recipe.data, recipe.trainer.task_eval_samples) if main else []

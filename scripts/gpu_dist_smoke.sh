@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # 2-GPU smoke run of each multi-process backend on the tiny Llama through `run` (device tool, carry .whl).
 # Prints one line per backend: exit code, first/last logged loss, and whether the adapter reloads on one GPU.
+# DISTS="ddp fsdp zero3" picks backends; EXTRA="key=value ..." adds overrides.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
@@ -9,7 +10,8 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/car
 python3 -c "import torch,transformers,peft,trl,accelerate,bitsandbytes,deepspeed;print('torch',torch.__version__,'transformers',transformers.__version__,'peft',peft.__version__,'trl',trl.__version__,'accelerate',accelerate.__version__,'bitsandbytes',bitsandbytes.__version__,'deepspeed',deepspeed.__version__)" 2>/dev/null | tee "$OUT/versions.txt"
 for dist in ${DISTS:-ddp fsdp zero3}; do
   run=/tmp/runs/$dist
-  python3 -m qlora_recipes run +recipe=llama2_chatml model=tiny_llama data=demo_dates "dist=$dist" \
+  rm -rf "$run"  # scratch dir of this smoke run (a warm machine keeps the last one)
+  python3 -m qlora_recipes run +recipe=llama2_chatml model=tiny_llama data=demo_dates "dist=$dist" ${EXTRA:-} \
     trainer.batch_size=8 trainer.micro_batch_size=2 trainer.max_steps=20 trainer.save_steps=10 \
     trainer.eval_strategy=no trainer.learning_rate=1e-3 data.max_eval_samples=16 'report_to=[]' \
     "output_dir=$run" > "$OUT/$dist.log" 2>&1

@@ -47,14 +47,16 @@ FSDP = {
 
 @pytest.mark.parametrize("backend, golden", [("zero3", ZERO3), ("fsdp", FSDP)])
 def test_golden_accelerate_configs(recipe_of, backend, golden):
-    recipe = recipe_of(*SHARDED_QLORA, f"dist={backend}", device=GPUS).recipe
+    recipe = recipe_of(*SHARDED_QLORA, f"dist={backend}", "lora.train_new_tokens=false", device=GPUS).recipe
     config = plan.accelerate_config(recipe, on_cpu=False)
     for key, value in golden.items():
         assert config[key] == value, key
 
 
 def test_offload_options(recipe_of):
-    fsdp = recipe_of(*SHARDED_QLORA, "dist=fsdp", "dist.fsdp_offload_params=true", device=GPUS).recipe
+    fsdp = recipe_of(
+        *SHARDED_QLORA, "dist=fsdp", "dist.fsdp_offload_params=true", "lora.train_new_tokens=false", device=GPUS
+    ).recipe
     assert plan.accelerate_config(fsdp, on_cpu=False)["fsdp_config"]["fsdp_offload_params"] is True
     zero = recipe_of(*SHARDED_QLORA, "dist=zero3_offload", device=GPUS).recipe
     ds = plan.accelerate_config(zero, on_cpu=False)["deepspeed_config"]
@@ -88,19 +90,20 @@ def test_multi_node_fields_flow_into_the_launch(recipe_of):
 def test_sharded_loading_leaves_placement_to_the_backend(recipe_of):
     from qlora_recipes.materialize import from_pretrained_kwargs
 
-    assert "device_map" not in from_pretrained_kwargs(recipe_of(*SHARDED_QLORA, "dist=fsdp", device=GPUS))
+    assert "device_map" not in from_pretrained_kwargs(recipe_of(*SHARDED_QLORA, "dist=zero3", device=GPUS))
     assert from_pretrained_kwargs(recipe_of(*SHARDED_QLORA, "dist=ddp", device=GPUS))["device_map"] == {"": 0}
 
 
 @pytest.mark.parametrize(
     "overrides, device, message",
     [
-        (("dist=fsdp", "quant=int8"), GPUS, "8-bit weights"),
+        (("dist=zero3", "quant=int8"), GPUS, "8-bit weights"),
         (("dist=zero3", "quant.storage_dtype=uint8"), GPUS, "must be equal"),
-        (("dist=fsdp", "quant.compute_dtype=float16"), GPUS, "must be equal"),
+        (("dist=fsdp", "quant.compute_dtype=float16", "lora.train_new_tokens=false"), GPUS, "must be equal"),
         (("dist=zero3", "dist.num_processes=2"), Device(), "needs CUDA GPUs"),
         (("dist=zero3", "dist.num_machines=2", "trainer.batch_size=16"), GPUS, "main_process_ip"),
         (("dist=zero3", "dist.machine_rank=1"), GPUS, "machine_rank=1"),
+        (("dist=fsdp",), GPUS, "lora.train_new_tokens=false"),
     ],
 )
 def test_sharded_qlora_rules(recipe_of, overrides, device, message):
