@@ -54,7 +54,7 @@ def print_notes(resolved: Resolved) -> None:
     accumulation = plan.gradient_accumulation_steps(recipe)
     print(
         f"# derived: gradient_accumulation_steps = batch_size {t.batch_size} / "
-        f"(micro_batch_size {t.micro_batch_size} x processes {recipe.dist.num_processes}) = {accumulation}"
+        f"(micro_batch_size {t.micro_batch_size} x processes {plan.world_size(recipe)}) = {accumulation}"
     )
     if recipe.lora.last_n_layers:
         print(f"# derived: LoRA on the last {recipe.lora.last_n_layers} decoder layers (indices set once loaded)")

@@ -1,5 +1,7 @@
-"""The runner: read the run dir's resolved recipe, then setup_tokenizer -> setup_model -> setup_data ->
-setup_trainer -> train -> save, in that order. Heavy imports happen here and nowhere above.
+"""The runner: read the run dir's resolved recipe, then setup_tokenizer -> data.prepare (errors before any
+weights load) -> setup_args -> setup_model -> setup_trainer -> train -> save, in that order. Every process
+of a multi-process job runs it; rank 0 alone generates, writes metrics and prints the summary.
+Heavy imports happen here and nowhere above.
 """
 
 from __future__ import annotations
