@@ -109,3 +109,20 @@ def test_sharded_loading_leaves_placement_to_the_backend(recipe_of):
 def test_sharded_qlora_rules(recipe_of, overrides, device, message):
     with pytest.raises(RecipeError, match=message):
         recipe_of(*SHARDED_QLORA, *overrides, device=device)
+
+
+@pytest.mark.parametrize("backend, prepared", [("single", True), ("zero3", False)])
+def test_kbit_preparation_only_without_sharding(recipe_of, tiny_checkpoint, backend, prepared):
+    """prepare_model_for_kbit_training upcasts the unquantized weights to fp32; sharded backends skip it."""
+    import torch
+
+    from qlora_recipes.runner import setup_model, setup_tokenizer
+
+    device = Device() if backend == "single" else GPUS  # the sharded one loads without a device_map: CPU is fine
+    resolved = recipe_of(
+        "+recipe=llama2_chatml", "model=tiny_llama", "template.add_tokens=false", f"dist={backend}", device=device
+    )
+    tokenizer, new_ids = setup_tokenizer(resolved.recipe, tiny_checkpoint)
+    model = setup_model(resolved, tiny_checkpoint, tokenizer, new_ids)
+    norm = next(p for n, p in model.named_parameters() if n.endswith("input_layernorm.weight"))
+    assert norm.dtype == (torch.float32 if prepared else torch.bfloat16)
