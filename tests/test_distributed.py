@@ -86,3 +86,14 @@ def test_process_count_rules(recipe_of, overrides, device, message):
 
     with pytest.raises(RecipeError, match=message):
         recipe_of(*overrides, device=device)
+
+
+def test_ddp_checkpoint_resumes_under_ddp(train_run):
+    from qlora_recipes import cli, rundir
+
+    run_dir, _ = train_run(*DDP, "trainer.max_steps=10", "trainer.save_steps=5", "trainer.task_eval_samples=0")
+    (run_dir / "checkpoint-10" / "trainer_state.json").unlink()  # as if the job died while saving step 10
+    assert rundir.latest_checkpoint(run_dir).name == "checkpoint-5"
+    assert cli.main(["train", str(run_dir), "--resume"]) == 0
+    state = json.loads((run_dir / "checkpoint-10" / "trainer_state.json").read_text())
+    assert state["global_step"] == 10 and [h["step"] for h in state["log_history"] if "loss" in h][-1] == 10
