@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # 2-GPU smoke run of each multi-process backend on the tiny Llama through `run` (device tool, carry .whl).
 # Prints one line per backend: exit code, first/last logged loss, and whether the adapter reloads on one GPU.
-# DISTS="ddp fsdp zero3" picks backends; EXTRA="key=value ..." adds overrides.
+# DISTS="ddp fsdp zero3" picks backends; EXTRA="key=value ..." adds overrides; RESUME=1 also resumes each
+# run from its step-10 checkpoint under the same backend.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
@@ -36,4 +37,9 @@ except Exception as exc:
     print(f"{dist}: exit {code}, FAILED: {type(exc).__name__}: {exc}")
 PY
   tail -5 "$OUT/$dist.log" | cut -c1-300
+  if [ "$code" = 0 ] && [ -n "${RESUME:-}" ]; then  # resume under the same backend from checkpoint-10
+    rm "$run/checkpoint-20/trainer_state.json"
+    python3 -m qlora_recipes train "$run" --resume >> "$OUT/$dist.log" 2>&1
+    echo "$dist: resume from checkpoint-10 exit $? ($(python3 -c "import json;print(json.load(open('$run/checkpoint-20/trainer_state.json'))['global_step'])" 2>&1) steps)" | tee -a "$OUT/summary.txt"
+  fi
 done
