@@ -101,6 +101,20 @@ def cmd_validate(overrides: list[str]) -> None:
         print(f"    {note}")
 
 
+def cmd_train(run_dir: Path, resume: str | None) -> None:
+    """In a worker (launched with RANK set), train; from a shell, start the recipe's workers first, as `run` does."""
+    resolved = rundir.read(run_dir.resolve())
+    command = plan.launch_command(
+        resolved.recipe, run_dir.resolve(), on_cpu=resolved.device.kind == "cpu", python=sys.executable
+    )
+    if command is not None and "RANK" not in os.environ:
+        launch(command + (["--resume", resume] if resume else []), run_dir.resolve())
+        return
+    from qlora_recipes.runner import train
+
+    train(run_dir, resume=resume)
+
+
 def cmd_ls() -> None:
     files = recipe_files()
     width = max(len(name) for name in files)
@@ -217,9 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "ls":
             cmd_ls()
         elif args.verb == "train":
-            from qlora_recipes.runner import train
-
-            train(args.run_dir, resume=args.resume)
+            cmd_train(args.run_dir, args.resume)
         else:
             parser.print_help()
     except RecipeError as exc:

@@ -72,10 +72,16 @@ def read(run_dir: Path) -> Resolved:
 
 
 def is_complete_checkpoint(path: Path) -> bool:
-    """The Trainer writes trainer_state.json after the weights and optimizer: its presence marks a whole one."""
-    return (path / "trainer_state.json").is_file() and any(
-        (path / name).is_file() for name in ("optimizer.pt", "optimizer.bin")
+    """The Trainer writes trainer_state.json after the weights and optimizer: its presence marks a whole one.
+    The optimizer state is optimizer.pt (single/DDP), optimizer.bin or a sharded optimizer_0/ (FSDP), or
+    DeepSpeed's global_stepN/ folder."""
+    optimizer = (
+        (path / "optimizer.pt").is_file()
+        or (path / "optimizer.bin").is_file()
+        or (path / "optimizer_0").is_dir()
+        or any(p.is_dir() for p in path.glob("global_step*"))
     )
+    return (path / "trainer_state.json").is_file() and optimizer
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:

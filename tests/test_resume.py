@@ -126,3 +126,22 @@ def test_resume_4bit_with_dropout_from_explicit_path(tmp_path):
     assert all(resumed[s] == pytest.approx(reference[s], rel=5e-3) for s in range(31, 41)), [
         (resumed[s], reference[s]) for s in range(31, 41)
     ]
+
+
+@pytest.mark.parametrize(
+    "files, dirs, complete",
+    [
+        (["trainer_state.json", "optimizer.pt"], [], True),  # single / DDP
+        (["trainer_state.json", "optimizer.bin"], [], True),  # FSDP full optimizer state
+        (["trainer_state.json"], ["optimizer_0"], True),  # FSDP sharded optimizer state
+        (["trainer_state.json", "latest"], ["global_step10"], True),  # DeepSpeed
+        (["optimizer.pt"], [], False),  # died before trainer_state.json
+        (["trainer_state.json"], [], False),  # no optimizer state
+    ],
+)
+def test_complete_checkpoint_layouts(tmp_path, files, dirs, complete):
+    for name in files:
+        (tmp_path / name).write_text("x")
+    for name in dirs:
+        (tmp_path / name).mkdir()
+    assert rundir.is_complete_checkpoint(tmp_path) is complete
