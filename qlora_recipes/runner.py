@@ -235,8 +235,11 @@ def model_loss_trainer_class() -> type:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if model.training:  # padding-free batches (packing) carry position_ids instead of a mask
                 mask = inputs.get("attention_mask")
-                ids = inputs["position_ids"]
-                local = mask.sum() if mask is not None else torch.tensor(ids.size(1), device=ids.device)
+                if mask is not None:
+                    local = mask.sum()
+                else:
+                    ids = inputs["position_ids"]
+                    local = torch.tensor(ids.size(1), device=ids.device)
                 self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item()
                 self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
@@ -403,7 +406,8 @@ def save(trainer: Any, tokenizer: Any, recipe: RecipeConfig, run_dir: Path) -> P
 def train_metrics(trainer: Any, result: Any) -> dict[str, Any]:
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
-    tokens = max((h.get("num_tokens", 0) for h in history), default=0)
+    # TRL's running count of real (unpadded) tokens, all ranks; the logged copies stop at the last log step
+    tokens = getattr(trainer, "_total_train_tokens", max((h.get("num_tokens", 0) for h in history), default=0))
     runtime = result.metrics.get("train_runtime", 0.0)
     return {
         "train_loss": result.metrics.get("train_loss"),

@@ -157,3 +157,10 @@ def test_new_token_rows_start_from_the_resized_embedding(recipe_of, tiny_checkpo
     base = next(v for k, v in state.items() if "embed_tokens" in k and k.endswith("base_layer.weight"))
     assert len(new_ids) == 5
     torch.testing.assert_close(delta.float(), base[new_ids].float())
+
+
+def test_added_tokens_without_packing_train(train_run):
+    """The model-loss trainer (wrapped LM head) on padded batches, which carry a mask and no position ids."""
+    base = ["+recipe=llama2_chatml", "model=tiny_llama", "data=demo_dates", "data.max_eval_samples=8"]
+    _, metrics = train_run("trainer.max_steps=3", "trainer.packing=false", base=base)
+    assert metrics["train"]["steps"] == 3 and metrics["train"]["train_tokens"] > 0
