@@ -178,12 +178,13 @@ def run_sweep(overrides: list[str]) -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    from qlora_recipes.compose import conf_dir, register
+    from qlora_recipes.compose import conf_dir, register, reject_unknown_keys
 
     register()
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def job(cfg: Any) -> None:
+        reject_unknown_keys(cfg)  # as compose() does for single runs
         resolved = resolve(cfg, probe_device())
         start_run(resolved, resolved.recipe.output_dir or HydraConfig.get().runtime.output_dir)
 
