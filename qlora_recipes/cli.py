@@ -5,6 +5,7 @@ show      the resolved recipe, which option each group took, what `auto` became,
 validate  compose, resolve and build the library objects; loads no weights
 ls        the recipes with one line each
 train     train the recipe in an existing run dir (what `run` and launched workers call)
+bench     tokens/s, MFU and memory per variant on a random-weight model shape (bench.json, bench.md)
 
 Errors a user can cause print as one message and exit with code 2, never a traceback.
 """
@@ -122,8 +123,8 @@ def cmd_ls() -> None:
         print(f"{name:<{width}}  {recipe_description(path)}")
 
 
-def start_run(resolved: Resolved, output_dir: str | None = None) -> Path:
-    """Write the run dir, print what will run, and train unless dry_run."""
+def prepare_run_dir(resolved: Resolved, output_dir: str | None) -> tuple[Path, list[str] | None]:
+    """Write the run dir (recipe.yaml, accelerate_config.yaml); returns it and the worker launch command."""
     from qlora_recipes.models import check_local_model
 
     recipe = resolved.recipe
@@ -132,8 +133,15 @@ def start_run(resolved: Resolved, output_dir: str | None = None) -> Path:
     rundir.resume_target(run_dir, recipe.resume_from_checkpoint)  # fail before touching the run dir
     accelerate = plan.accelerate_config(recipe, on_cpu=resolved.device.kind == "cpu")
     rundir.write(run_dir, resolved, {"accelerate_config.yaml": accelerate})
-    print_notes(resolved)
     command = plan.launch_command(recipe, run_dir, on_cpu=resolved.device.kind == "cpu", python=sys.executable)
+    return run_dir, command
+
+
+def start_run(resolved: Resolved, output_dir: str | None = None) -> Path:
+    """Write the run dir, print what will run, and train unless dry_run."""
+    recipe = resolved.recipe
+    run_dir, command = prepare_run_dir(resolved, output_dir)
+    print_notes(resolved)
     print(f"# run dir: {run_dir}")
     if command is None:
         print(f"# launch: in-process (dist={recipe.dist.backend.value}): python -m qlora_recipes train {run_dir}")
@@ -204,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--params", action="store_true", help="also load the model and list trainable parameters")
     verbs.add_parser("validate", help="compose, resolve and build the library objects; no weights load")
     verbs.add_parser("ls", help="list the recipes with a one-line description")
+    bench = verbs.add_parser(
+        "bench",
+        help="tokens/s, MFU and memory of a recipe on a random-weight model shape (bench.shape=llama2_7b), "
+        "one run per bench.variants entry",
+    )
     train = verbs.add_parser("train", help="train the recipe stored in an existing run dir")
     train.add_argument("run_dir", type=Path)
     train.add_argument(
@@ -214,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="continue from the latest complete checkpoint (or the one given)",
     )
-    for sub in (run, show, verbs.choices["validate"]):
+    for sub in (run, show, verbs.choices["validate"], bench):
         sub.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +recipe=llama2_chatml lora.r=16")
     return parser
 
@@ -231,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd_validate(args.overrides)
         elif args.verb == "ls":
             cmd_ls()
+        elif args.verb == "bench":
+            from qlora_recipes.bench import run_bench
+
+            run_bench(args.overrides)
         elif args.verb == "train":
             cmd_train(args.run_dir, args.resume)
         else:

@@ -59,8 +59,8 @@ def from_pretrained_kwargs(resolved: Resolved) -> dict[str, Any]:
     quant = bnb_config(plan.bnb_kwargs(resolved.recipe))
     if quant is not None:
         kwargs["quantization_config"] = quant
-        if resolved.device.kind == "cuda" and not plan.shards_parameters(resolved.recipe):
-            # a whole copy per process, on its own GPU; FSDP/ZeRO-3 load on CPU/meta and shard themselves
+        if resolved.device.kind == "cuda" and plan.loads_on_own_gpu(resolved.recipe):
+            # a whole copy per process, on its own GPU; FSDP v1/ZeRO-3 load on CPU/meta and shard themselves
             kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     return kwargs
 

@@ -151,6 +151,25 @@ def shards_parameters(recipe: RecipeConfig) -> bool:
     return recipe.dist.backend in SHARDED
 
 
+def loads_on_own_gpu(recipe: RecipeConfig) -> bool:
+    """Whether each process loads the whole (quantized) model onto its GPU before training starts: all but
+    FSDP v1 and ZeRO-3, which load on CPU/meta and shard as they go. FSDP2 shards a loaded 4-bit model."""
+    dist = recipe.dist
+    return not shards_parameters(recipe) or (dist.backend is DistBackend.fsdp and dist.fsdp_version == 2)
+
+
+def zero3_overrides(recipe: RecipeConfig) -> dict[str, int]:
+    """Values for the DeepSpeed config's zero_optimization section that replace accelerate's "auto"."""
+    dist = recipe.dist
+    if dist.backend not in (DistBackend.zero3, DistBackend.zero3_offload):
+        return {}
+    chosen = {
+        "stage3_param_persistence_threshold": dist.zero3_persistence_threshold,
+        "stage3_prefetch_bucket_size": dist.zero3_prefetch_bucket_size,
+    }
+    return {key: value for key, value in chosen.items() if value is not None}
+
+
 def accelerate_config(recipe: RecipeConfig, on_cpu: bool) -> dict[str, Any]:
     """The accelerate launch config (the fields of `accelerate config`'s YAML). FSDP and ZeRO fields follow
     PEFT's fsdp_config_qlora.yaml and deepspeed_config_z3_qlora.yaml."""
@@ -174,6 +193,17 @@ def accelerate_config(recipe: RecipeConfig, on_cpu: bool) -> dict[str, Any]:
         config["main_process_port"] = dist.main_process_port
     if dist.backend is DistBackend.ddp and dist.num_processes * dist.num_machines > 1:
         config["distributed_type"] = "MULTI_CPU" if on_cpu else "MULTI_GPU"
+    elif dist.backend is DistBackend.fsdp and dist.fsdp_version == 2:
+        config["distributed_type"] = "FSDP"
+        config["fsdp_config"] = {
+            "fsdp_version": 2,
+            "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",  # one unit per decoder block, its LoRA inside
+            # 4-bit weights cannot go through accelerate's meta-device broadcast: every process loads its copy
+            "fsdp_cpu_ram_efficient_loading": not recipe.quant.load_in_4bit,
+            "fsdp_offload_params": dist.fsdp_offload_params,
+            "fsdp_reshard_after_forward": dist.fsdp_reshard_after_forward,  # true = FULL_SHARD
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+        }
     elif dist.backend is DistBackend.fsdp:
         config["distributed_type"] = "FSDP"
         config["fsdp_config"] = {

@@ -253,11 +253,16 @@ def validate(resolved: Resolved) -> None:
         )
 
     need(
-        not (backend is DistBackend.fsdp and tpl.add_tokens and lora.enabled and lora.train_new_tokens),
-        "dist=fsdp with trainable new-token rows: FSDP v1 (use_orig_params=false) cannot flatten the trainable "
-        "rows with the frozen embedding they live in (measured on 2 GPUs, docs/gpu.md). Set "
-        "lora.train_new_tokens=false (the rows keep their initial values, as in the original), use a template "
-        "without new tokens (template=tokenizer), or dist=zero3",
+        r.dist.fsdp_version in (1, 2),
+        f"dist.fsdp_version={r.dist.fsdp_version}: choose 1 (FSDP v1, flat parameters) or 2 (FSDP2, per-parameter)",
+    )
+    fsdp1 = backend is DistBackend.fsdp and r.dist.fsdp_version == 1
+    need(
+        not (fsdp1 and tpl.add_tokens and lora.enabled and lora.train_new_tokens),
+        "dist=fsdp with dist.fsdp_version=1 and trainable new-token rows: FSDP v1 (use_orig_params=false) cannot "
+        "flatten the trainable rows with the frozen embedding they live in (measured on 2 GPUs, docs/gpu.md). "
+        "Use dist.fsdp_version=2, set lora.train_new_tokens=false (the rows keep their initial values, as in the "
+        "original), use a template without new tokens (template=tokenizer), or dist=zero3",
     )
 
     # model

@@ -24,7 +24,7 @@ from qlora_recipes import models, plan, rundir
 from qlora_recipes.errors import Interrupted, RecipeError
 from qlora_recipes.materialize import from_pretrained_kwargs, lora_config, sft_config
 from qlora_recipes.resolve import Resolved
-from qlora_recipes.schema import Backend, RecipeConfig, TaskMetric
+from qlora_recipes.schema import Backend, DistBackend, RecipeConfig, TaskMetric
 from qlora_recipes.templates import tokenizer_changes
 
 log = logging.getLogger("qlora_recipes")
@@ -251,7 +251,18 @@ def setup_args(resolved: Resolved, run_dir: Path) -> Any:
     """SFTConfig, built before the model loads: creating it sets each process's GPU and, under ZeRO-3,
     registers the DeepSpeed config that makes from_pretrained partition the weights as they load."""
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-    return sft_config(plan.sft_kwargs(resolved.recipe, run_dir, on_cpu=resolved.device.kind == "cpu"))
+    args = sft_config(plan.sft_kwargs(resolved.recipe, run_dir, on_cpu=resolved.device.kind == "cpu"))
+    if resolved.recipe.dist.backend is DistBackend.single and args.n_gpu > 1:
+        # transformers would wrap the model in nn.DataParallel over every visible GPU, which TRL refuses:
+        # dist=single trains on the first visible GPU (dist=ddp uses them all)
+        log.info("dist=single: training on the first of the %d visible GPUs (dist=ddp uses all)", args.n_gpu)
+        args._n_gpu = 1
+    zero3 = plan.zero3_overrides(resolved.recipe)
+    if zero3 and getattr(args, "deepspeed_plugin", None) is not None:
+        # accelerate's generated DeepSpeed config leaves these "auto"; explicit values are kept when the engine starts
+        args.deepspeed_plugin.deepspeed_config.setdefault("zero_optimization", {}).update(zero3)
+        log.info("ZeRO-3 settings: %s", zero3)
+    return args
 
 
 def setup_trainer(args: Any, model: Any, tokenizer: Any, prepared: data_mod.Prepared) -> Any:
@@ -269,13 +280,90 @@ def setup_trainer(args: Any, model: Any, tokenizer: Any, prepared: data_mod.Prep
         processing_class=tokenizer,
     )
     fsdp_plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
-    if fsdp_plugin is not None and hasattr(model, "peft_config"):
+    if fsdp_plugin is not None and fsdp_plugin.fsdp_version == 2:
+        # one FSDP2 unit per decoder block, its LoRA weights inside: one all-gather per block
+        fsdp_plugin.transformer_cls_names_to_wrap = list(getattr(model, "_no_split_modules", None) or [])
+    elif fsdp_plugin is not None and hasattr(model, "peft_config"):
         # As the original: wrap the LoRA layers in their own FSDP units, since FSDP v1 (use_orig_params=False)
         # cannot flatten frozen base weights and trainable adapters into one parameter.
         from peft.utils.other import fsdp_auto_wrap_policy
 
         fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
     return trainer
+
+
+class StepClock:
+    """Wall time and real (non-padding) tokens of every optimizer step, the GPU synchronised at both ends,
+    so metrics.json can report a median step after warm-up (what `bench` reads)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.steps: list[dict[str, float]] = []
+
+    def callback(self) -> Any:
+        import torch
+        from transformers import TrainerCallback
+
+        clock = self
+
+        def now() -> float:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            return time.perf_counter()
+
+        class Clock(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                clock.started = now()
+                clock.tokens_before = getattr(clock.trainer, "_total_train_tokens", 0)
+
+            def on_step_end(self, args, state, control, **kwargs):
+                tokens = getattr(clock.trainer, "_total_train_tokens", 0) - clock.tokens_before
+                clock.steps.append({"step": state.global_step, "seconds": now() - clock.started, "tokens": tokens})
+
+        return Clock()
+
+
+class StepProfiler:
+    """torch.profiler over the recipe's trainer.profile_steps (rank 0): operator tables sorted by GPU time
+    and by CPU time in RUN_DIR/profile/. The steps traced run slower; bench leaves them out."""
+
+    def __init__(self, steps: list[int], out: Path) -> None:
+        self.steps, self.out, self.profiler = sorted(steps), out, None
+
+    def callback(self) -> Any:
+        import torch
+        from transformers import TrainerCallback
+
+        prof = self
+
+        class Trace(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if prof.profiler is None and state.global_step + 1 == prof.steps[0]:
+                    activities = [torch.profiler.ProfilerActivity.CPU]
+                    if torch.cuda.is_available():
+                        activities.append(torch.profiler.ProfilerActivity.CUDA)
+                    prof.profiler = torch.profiler.profile(activities=activities, record_shapes=False)
+                    prof.profiler.__enter__()
+
+            def on_step_end(self, args, state, control, **kwargs):
+                if prof.profiler is not None and state.global_step == prof.steps[-1]:
+                    prof.profiler.__exit__(None, None, None)
+                    prof.write(prof.profiler)
+                    prof.profiler = None
+
+        return Trace()
+
+    def write(self, profiler: Any) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        import torch
+
+        averages = profiler.key_averages()
+        kinds = ("cuda", "cpu") if torch.cuda.is_available() else ("cpu",)
+        for kind in kinds:
+            (self.out / f"ops_by_{kind}.txt").write_text(
+                averages.table(sort_by=f"self_{kind}_time_total", row_limit=40)
+            )
+        log.info("profile of steps %s written to %s", self.steps, self.out)
 
 
 class GracefulStop:
@@ -432,7 +520,7 @@ def write_samples(path: Path, before: TaskScore | None, after: TaskScore | None)
     path.write_text("\n".join(lines) + "\n")
 
 
-def print_summary(metrics: dict[str, Any], run_dir: Path, saved: Path) -> None:
+def print_summary(metrics: dict[str, Any], run_dir: Path, saved: Path | None) -> None:
     def fmt(value: Any, spec: str = ".4f") -> str:
         return "n/a" if value is None else format(value, spec)
 
@@ -449,7 +537,7 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, saved: Path) -> None:
     lines += [
         f"  train loss     {fmt(t['first_logged_loss'])} (first log) -> {fmt(t['last_logged_loss'])} (last log), {t['steps']} steps",
         f"  throughput     {fmt(t['tokens_per_s'], '.0f')} real tokens/s",
-        f"  {'adapter' if saved.name == 'adapter' else 'model':<14} {saved}",
+        f"  {'saved':<14} {saved or 'nothing (trainer.save_final=false)'}",
         f"  run dir        {run_dir}  (recipe.yaml, metrics.json, samples.md, tensorboard/, run.log)",
     ]
     print("\n".join(lines), flush=True)
@@ -499,6 +587,10 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
         task_before = task_score(trainer.model, tokenizer, examples, recipe) if examples else None
 
     trainer.add_callback(stop.callback())
+    clock = StepClock(trainer)
+    trainer.add_callback(clock.callback())
+    if recipe.trainer.profile_steps and main:
+        trainer.add_callback(StepProfiler(list(recipe.trainer.profile_steps), run_dir / "profile").callback())
     result = trainer.train(resume_from_checkpoint=resume)
     if stop.signum is not None:
         latest = rundir.latest_checkpoint(run_dir)
@@ -510,14 +602,14 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
 
     loss_after = eval_loss(trainer)
     task_after = task_score(trainer.model, tokenizer, examples, recipe) if examples else None
-    saved = save(trainer, tokenizer, recipe, run_dir)
+    saved = save(trainer, tokenizer, recipe, run_dir) if recipe.trainer.save_final else None
     if not main:
         return {"rank": process_rank(), "steps": trainer.state.global_step}
     write_samples(run_dir / "samples.md", task_before, task_after)
     metrics = {
         "recipe": recipe.name,
         "run_dir": str(run_dir),
-        "saved": str(saved),
+        "saved": str(saved) if saved else None,
         "device": resolved.device.describe(),
         "wall_time_s": time.time() - started,
         "task_metric": recipe.data.metric.value,
@@ -530,7 +622,7 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
             "task_before": task_before.score if task_before else None,
             "task_after": task_after.score if task_after else None,
         },
-        "train": train_metrics(trainer, result),
+        "train": {**train_metrics(trainer, result), "step_times": clock.steps},
         "memory": peak_memory_gib(),
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

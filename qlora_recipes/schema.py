@@ -130,6 +130,13 @@ class Backend(Enum):
     unsloth = "unsloth"  # Unsloth's FastLanguageModel (CUDA, single process)
 
 
+class BenchShape(Enum):
+    llama2_7b = "llama2_7b"  # hidden 4096, 32 layers, MLP 11008, vocab 32000
+    llama3_8b = "llama3_8b"  # hidden 4096, 32 layers, MLP 14336, 8 KV heads, vocab 128256
+    smollm2_135m = "smollm2_135m"  # hidden 576, 30 layers: a real small shape that runs on CPU
+    tiny = "tiny"  # 2 layers, hidden 64: tests
+
+
 class LogLevel(Enum):
     debug = "debug"
     info = "info"
@@ -192,6 +199,13 @@ class DistConfig:
     main_process_ip: Optional[str] = None  # rank-0 machine's address, for num_machines > 1
     main_process_port: int = 29500
     fsdp_offload_params: bool = False  # FSDP: sharded parameters wait in CPU memory (less GPU memory, slower)
+    fsdp_version: int = 1  # 1 = FSDP v1 as PEFT's fsdp_config_qlora.yaml; 2 = per-parameter FSDP2 (docs/distributed.md)
+    fsdp_reshard_after_forward: bool = (
+        True  # FSDP2: false keeps each block gathered until its backward (less comm, more memory)
+    )
+    # ZeRO-3 parameter fetching; None = accelerate's "auto" (10 x hidden and 0.9 x hidden^2 elements)
+    zero3_persistence_threshold: Optional[int] = None  # smaller params stay whole on every GPU: fewer fetches
+    zero3_prefetch_bucket_size: Optional[int] = None  # elements fetched ahead of use: more overlap, more memory
 
 
 @dataclass
@@ -224,6 +238,21 @@ class TrainerConfig:
     eval_before_train: bool = True  # eval loss of the untouched base, for the before/after summary
     task_eval_samples: int = 0  # held-out prompts scored with data.metric before and after
     max_new_tokens: int = 32
+    profile_steps: List[int] = field(default_factory=list)  # optimizer steps traced by torch.profiler (rank 0)
+    save_final: bool = True  # write the adapter (or model) at the end; bench turns it off
+
+
+@dataclass
+class BenchConfig:
+    """`bench` only: a random-weight checkpoint of `shape`, synthetic chat data, and one run per variant."""
+
+    shape: BenchShape = BenchShape.tiny
+    steps: int = 10  # measured optimizer steps, after the warm-up ones
+    warmup: int = 3  # optimizer steps left out of the figures (allocator, autotuning, first-call costs)
+    # "NAME" or "NAME: overrides" on top of the recipe, e.g. 'bench.variants=[plain,"fsdp: dist=fsdp"]';
+    # each runs in its own process, in this order; the first is the baseline of the "vs first" column
+    variants: List[str] = field(default_factory=lambda: ["plain"])
+    profile: bool = False  # trace the last measured step of each variant with torch.profiler (left out of the figures)
 
 
 @dataclass
@@ -259,6 +288,7 @@ class RecipeConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 GROUPS = {

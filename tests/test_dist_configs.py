@@ -94,6 +94,48 @@ def test_sharded_loading_leaves_placement_to_the_backend(recipe_of):
     assert from_pretrained_kwargs(recipe_of(*SHARDED_QLORA, "dist=ddp", device=GPUS))["device_map"] == {"": 0}
 
 
+def test_fsdp2_config_and_placement(recipe_of):
+    """FSDP2 shards a 4-bit model that each process loaded on its own GPU; new-token rows may train."""
+    from qlora_recipes.materialize import from_pretrained_kwargs
+
+    resolved = recipe_of(*SHARDED_QLORA, "dist=fsdp", "dist.fsdp_version=2", device=GPUS)
+    assert plan.lora_kwargs(resolved.recipe, new_token_ids=[32000, 32001])["trainable_token_indices"] == [32000, 32001]
+    config = plan.accelerate_config(resolved.recipe, on_cpu=False)["fsdp_config"]
+    assert config == {
+        "fsdp_version": 2,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_cpu_ram_efficient_loading": False,  # 4-bit weights cannot take the meta-device broadcast path
+        "fsdp_offload_params": False,
+        "fsdp_reshard_after_forward": True,
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+    }
+    assert from_pretrained_kwargs(resolved)["device_map"] == {"": 0}
+    unquantized = recipe_of(*SHARDED_QLORA, "dist=fsdp", "dist.fsdp_version=2", "quant=none", device=GPUS).recipe
+    assert plan.accelerate_config(unquantized, on_cpu=False)["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is True
+    kept = recipe_of(
+        *SHARDED_QLORA, "dist=fsdp", "dist.fsdp_version=2", "dist.fsdp_reshard_after_forward=false", device=GPUS
+    )
+    assert plan.accelerate_config(kept.recipe, on_cpu=False)["fsdp_config"]["fsdp_reshard_after_forward"] is False
+
+
+def test_zero3_fetch_settings_replace_accelerates_auto(recipe_of):
+    recipe = recipe_of(*SHARDED_QLORA, "dist=zero3", device=GPUS).recipe
+    assert plan.zero3_overrides(recipe) == {}  # untouched: the original's "auto"
+    tuned = recipe_of(
+        *SHARDED_QLORA,
+        "dist=zero3",
+        "dist.zero3_persistence_threshold=1000000",
+        "dist.zero3_prefetch_bucket_size=50000000",
+        device=GPUS,
+    ).recipe
+    assert plan.zero3_overrides(tuned) == {
+        "stage3_param_persistence_threshold": 1000000,
+        "stage3_prefetch_bucket_size": 50000000,
+    }
+    ddp = recipe_of(*SHARDED_QLORA, "dist=ddp", "dist.zero3_persistence_threshold=5", device=GPUS).recipe
+    assert plan.zero3_overrides(ddp) == {}
+
+
 @pytest.mark.parametrize(
     "overrides, device, message",
     [
@@ -104,6 +146,7 @@ def test_sharded_loading_leaves_placement_to_the_backend(recipe_of):
         (("dist=zero3", "dist.num_machines=2", "trainer.batch_size=16"), GPUS, "main_process_ip"),
         (("dist=zero3", "dist.machine_rank=1"), GPUS, "machine_rank=1"),
         (("dist=fsdp",), GPUS, "lora.train_new_tokens=false"),
+        (("dist=fsdp", "dist.fsdp_version=3"), GPUS, "fsdp_version=3"),
     ],
 )
 def test_sharded_qlora_rules(recipe_of, overrides, device, message):

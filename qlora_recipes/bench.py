@@ -1,0 +1,417 @@
+"""`bench`: throughput and memory of a recipe on a real architecture shape, with no hub and no data set.
+
+It writes a random-weight checkpoint of `bench.shape` (speed and memory do not depend on the weight
+values) with a word-level tokenizer of the shape's vocabulary, and synthetic chat rows long enough to fill
+packed sequences. Each of `bench.variants` (name -> Hydra overrides) then trains in its own process, as
+`run` would (one process, or the recipe's accelerate launch), for warm-up + measured optimizer steps; the
+runner's step clock gives every step's wall time and real (non-padding) tokens. Results: bench.json and
+bench.md in the bench dir.
+
+Figures: tokens/s per GPU = median over the measured steps of (real tokens in the step / step seconds)
+/ processes. MFU = 4 * N * (tokens/s per GPU) / the card's dense bf16 peak, with N the base model's
+parameters except the input embedding (a lookup): LoRA's forward is 2N FLOPs a token and the backward
+computes input gradients only (another 2N), since the base weights are frozen. The recompute of
+gradient checkpointing and attention's own FLOPs are not counted, as is usual for this rule.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qlora_recipes import models, plan
+from qlora_recipes.errors import LaunchFailed, RecipeError
+from qlora_recipes.schema import BenchShape
+from qlora_recipes.templates import CHATML
+
+log = logging.getLogger(__name__)
+
+# LlamaConfig fields of each shape (the published configs' sizes; weights random)
+SHAPES: dict[BenchShape, dict[str, Any]] = {
+    BenchShape.llama2_7b: dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    BenchShape.llama3_8b: dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    BenchShape.smollm2_135m: dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
+    BenchShape.tiny: dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1024,
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
+}
+
+# Dense bf16 tensor-core peak, FLOP/s (vendor datasheets, without sparsity); matched in this order.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 125e12),
+)
+
+FIRST_WORD = 3  # ids 0-2 are <unk>, <s>, </s>
+
+
+def matmul_params(shape: dict[str, Any]) -> int:
+    """N of the 4*N rule: every weight a token's forward multiplies by (all but the input embedding)."""
+    h, i, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    kv = h * shape["num_key_value_heads"] // shape["num_attention_heads"]
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # q, o; k, v; gate, up, down; two norms
+    return layers * per_layer + h + shape["vocab_size"] * h  # final norm, LM head (tied or not)
+
+
+def peak_flops(device_name: str | None) -> float | None:
+    for marker, flops in PEAK_BF16_FLOPS:
+        if device_name and marker in device_name:
+            return flops
+    return None
+
+
+def checkpoint(shape_name: BenchShape) -> Path:
+    """The cached random-weight checkpoint of a shape: built on the GPU in bf16 when there is one (a 7B
+    shape in ~20 s), else on CPU."""
+    shape = SHAPES[shape_name]
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        started = time.time()
+        tokenizer = word_tokenizer(shape["vocab_size"])
+        config = LlamaConfig(
+            **shape,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=None,
+        )
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        log.info("built the %s checkpoint on %s in %.0f s", shape_name.value, device, time.time() - started)
+
+    return models._atomic_build(models.cache_root() / "models" / f"bench-{shape_name.value}", build)
+
+
+def word_tokenizer(vocab_size: int) -> Any:
+    """One token per word `w<id>`: synthetic text of exactly known length in any vocabulary size."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i for i in range(FIRST_WORD, vocab_size)}
+    words = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    tokenizer.chat_template = CHATML  # recipes with template=tokenizer need one
+    return tokenizer
+
+
+def synthetic_rows(count: int, vocab_size: int, mean_words: int, seed: int = 0) -> list[dict[str, Any]]:
+    """Two-turn chats of random words, lengths uniform in [mean/2, 3*mean/2] (a quarter user, the rest
+    assistant), so packing fills whole blocks and unpacked batches carry some padding."""
+    rng = random.Random(seed)
+
+    def words(n: int) -> str:
+        return " ".join(f"w{rng.randrange(FIRST_WORD, vocab_size)}" for _ in range(max(n, 1)))
+
+    rows = []
+    for _ in range(count):
+        total = rng.randint(mean_words // 2, 3 * mean_words // 2)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": words(total // 4)},
+                    {"role": "assistant", "content": words(total - total // 4)},
+                ]
+            }
+        )
+    return rows
+
+
+def write_data(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+@dataclass
+class Measured:
+    name: str
+    overrides: list[str]
+    processes: int
+    tokens_per_s_per_gpu: float
+    median_step_s: float
+    measured_steps: int
+    peak_allocated_gib: float | None
+    peak_reserved_gib: float | None
+    mfu: float | None
+    first_loss: float | None
+    last_loss: float | None
+    loss_curve: list[dict[str, float]]
+    run_dir: str
+
+
+def measure(
+    name: str,
+    overrides: list[str],
+    metrics: dict[str, Any],
+    processes: int,
+    n_params: int,
+    peak: float | None,
+    warmup: int,
+    profiled: int | None = None,
+) -> Measured:
+    """The figures of one variant from its metrics.json (warm-up and profiled steps left out)."""
+    train = metrics["train"]
+    steps = [s for s in train["step_times"] if s["step"] > warmup and s["step"] != profiled]
+    if not steps:
+        raise RecipeError(f"bench variant {name!r} logged no measured step (steps after warm-up {warmup})")
+    rate = statistics.median(s["tokens"] / s["seconds"] for s in steps) / processes
+    memory = metrics["memory"]
+    return Measured(
+        name=name,
+        overrides=overrides,
+        processes=processes,
+        tokens_per_s_per_gpu=rate,
+        median_step_s=statistics.median(s["seconds"] for s in steps),
+        measured_steps=len(steps),
+        peak_allocated_gib=memory.get("peak_allocated_gib"),
+        peak_reserved_gib=memory.get("peak_reserved_gib"),
+        mfu=4 * n_params * rate / peak if peak else None,
+        first_loss=train["first_logged_loss"],
+        last_loss=train["last_logged_loss"],
+        loss_curve=train["loss_curve"],
+        run_dir=metrics["run_dir"],
+    )
+
+
+def markdown(results: list[Measured], header: dict[str, Any]) -> str:
+    base = results[0]
+
+    def num(value: float | None, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    lines = [f"# bench: {header['recipe']} on {header['shape']} ({header['device']})", ""]
+    lines += [f"- {key}: {value}" for key, value in header.items() if key not in ("recipe", "shape")]
+    lines += [
+        "",
+        "| variant | processes | tokens/s per GPU | vs first | median step s | MFU (4N) | peak alloc GiB | peak reserved GiB "
+        "| loss first -> last | overrides |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.name} | {r.processes} | {r.tokens_per_s_per_gpu:,.0f} | "
+            f"{r.tokens_per_s_per_gpu / base.tokens_per_s_per_gpu:.2f}x | {r.median_step_s:.3f} | {num(r.mfu, '.1%')} | "
+            f"{num(r.peak_allocated_gib, '.2f')} | {num(r.peak_reserved_gib, '.2f')} | "
+            f"{num(r.first_loss, '.4f')} -> {num(r.last_loss, '.4f')} | `{' '.join(r.overrides) or '(recipe)'}` |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def device_name() -> str:
+    """The first GPU's name (matched against PEAK_BF16_FLOPS), or CPU."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
+
+
+def run_variant(command: list[str], log_path: Path) -> None:
+    with log_path.open("w") as out:
+        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-15:])
+        raise LaunchFailed(result.returncode, f"bench variant failed (exit {result.returncode}), {log_path}:\n{tail}")
+
+
+def bench_overrides(
+    bench_dir: Path, name: str, ckpt: Path, data: Path, steps: int, profile_step: int | None
+) -> list[str]:
+    """What every variant gets on top of the recipe and its own overrides: the synthetic model and data, a
+    fixed number of steps, and nothing that is not training (no eval, checkpoints or final save)."""
+    return [
+        "model.source=hub_or_path",
+        f"model.name_or_path={ckpt}",
+        f"data.name={data}",
+        "data.format=messages",
+        "data.metric=none",
+        "trainer.epochs=100",
+        f"trainer.max_steps={steps}",
+        "trainer.eval_strategy=no",
+        "trainer.save_strategy=no",
+        "trainer.save_final=false",
+        "trainer.eval_before_train=false",
+        "trainer.task_eval_samples=0",
+        "trainer.logging_steps=1",
+        f"trainer.profile_steps=[{profile_step}]" if profile_step else "trainer.profile_steps=[]",
+        "report_to=[]",
+        f"output_dir={bench_dir / name}",
+    ]
+
+
+def parse_variants(entries: list[str]) -> dict[str, list[str]]:
+    """bench.variants entries, "NAME" or "NAME: override override ...", as name -> overrides."""
+    parsed: dict[str, list[str]] = {}
+    for entry in entries:
+        name, _, rest = entry.partition(":")
+        name = name.strip()
+        if not name or not name.replace("_", "").replace("-", "").isalnum() or name in parsed:
+            raise RecipeError(
+                f"bench.variants entry {entry!r}: each is 'NAME' or 'NAME: overrides' with a unique name of letters, "
+                "digits, - or _"
+            )
+        parsed[name] = rest.split()
+    return parsed
+
+
+def rows_needed(recipe: Any, steps: int) -> int:
+    """Enough synthetic rows for `steps` optimizer steps of full sequences, with a margin."""
+    t = recipe.trainer
+    return max(64, int(1.3 * steps * t.batch_size * 2)) if t.packing else max(64, int(1.3 * steps * t.batch_size))
+
+
+def run_bench(overrides: list[str]) -> list[Measured]:
+    """Build the shape's checkpoint and the data once, run every variant in its own process, write bench.json/md."""
+    from qlora_recipes.cli import prepare_run_dir, resolve_overrides
+
+    resolved, _ = resolve_overrides(overrides)
+    cfg = resolved.recipe.bench
+    if cfg.steps < 1 or cfg.warmup < 0 or not cfg.variants:
+        raise RecipeError("bench needs bench.steps >= 1, bench.warmup >= 0 and at least one bench.variants entry")
+    shape = SHAPES[cfg.shape]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    bench_dir = Path(
+        resolved.recipe.output_dir or Path("runs") / "bench" / f"{resolved.recipe.name}-{cfg.shape.value}-{stamp}"
+    )
+    if bench_dir.exists():
+        raise RecipeError(f"output_dir={bench_dir} exists; bench never overwrites: choose another output_dir")
+    total = cfg.warmup + cfg.steps + (1 if cfg.profile else 0)
+    profile_step = total if cfg.profile else None
+
+    ckpt = checkpoint(cfg.shape)
+    name_, gpu = resolved.recipe.name, device_name()
+    plans = []
+    for name, extra in parse_variants(list(cfg.variants)).items():
+        variant, _ = resolve_overrides([*overrides, *extra])
+        plans.append((name, extra, variant))
+    rows = max(rows_needed(v.recipe, total) for _, _, v in plans)
+    mean_words = max(8, resolved.recipe.trainer.max_seq_len // 2)
+    data = write_data(bench_dir / "data" / "train.jsonl", synthetic_rows(rows, shape["vocab_size"], mean_words))
+    print(
+        f"# bench {name_} on {cfg.shape.value} ({gpu}): {ckpt}, {rows} synthetic rows, "
+        f"{cfg.warmup} warm-up + {cfg.steps} measured steps",
+        flush=True,
+    )
+
+    results = []
+    for name, extra, _ in plans:
+        fixed = bench_overrides(bench_dir, name, ckpt, data, total, profile_step)
+        variant, _ = resolve_overrides([*overrides, *extra, *fixed])
+        run_dir, command = prepare_run_dir(variant, None)
+        print(f"# {name}: {' '.join(extra) or '(recipe as is)'} -> {run_dir}", flush=True)
+        started = time.time()
+        run_variant([sys.executable, "-m", "qlora_recipes", "train", str(run_dir)], run_dir / "bench.log")
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        result = measure(
+            name,
+            extra,
+            metrics,
+            plan.world_size(variant.recipe),
+            matmul_params(shape),
+            peak_flops(gpu),
+            cfg.warmup,
+            profile_step,
+        )
+        results.append(result)
+        print(
+            f"#   {result.tokens_per_s_per_gpu:,.0f} tokens/s per GPU, median step {result.median_step_s:.3f} s, "
+            f"peak reserved {result.peak_reserved_gib if result.peak_reserved_gib is not None else 'n/a'} GiB "
+            f"({time.time() - started:.0f} s)",
+            flush=True,
+        )
+    header = {
+        "recipe": name_,
+        "shape": cfg.shape.value,
+        "device": gpu,
+        "matmul_params_N": matmul_params(shape),
+        "peak_bf16_flops": peak_flops(gpu),
+        "warmup_steps": cfg.warmup,
+        "measured_steps": cfg.steps,
+        "overrides": " ".join(overrides),
+        "versions": versions(),
+    }
+    (bench_dir / "bench.json").write_text(json.dumps({**header, "results": [r.__dict__ for r in results]}, indent=2))
+    table = markdown(results, header)
+    (bench_dir / "bench.md").write_text(table)
+    print(table, flush=True)
+    return results
+
+
+def versions() -> str:
+    import importlib.metadata as md
+
+    names = ("torch", "transformers", "peft", "trl", "accelerate", "bitsandbytes", "deepspeed", "liger-kernel")
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            continue
+    return ", ".join(found)

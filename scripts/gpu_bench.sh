@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# GPU bench driver (device tool, carry .whl): installs the carried wheels, records cards and versions, then
+# runs `bench` once per VARIANTS entry ("NAME: overrides", one per line) so that a hang or crash costs one
+# variant only (TIMEOUT seconds each). COMMON holds overrides shared by all. Results (bench.md,
+# bench.json, profile tables, logs) in $OUT/<name>.txt, and $OUT/cards.txt with the cards and a table
+# combining them, the first variant as the baseline.
+set -u
+[ -n "${NO_INSTALL:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
+export QLORA_RECIPES_CACHE=/tmp/qrc
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/cards.txt"
+while IFS= read -r line; do
+  [ -z "$line" ] && continue
+  name=${line%%:*}; rm -f "/tmp/benchjson/$name.json"
+  dir=/tmp/bench/$name; rm -rf "$dir"
+  echo "== $line"
+  timeout "${TIMEOUT:-200}" python3 -m qlora_recipes bench ${COMMON:-} "bench.variants=[\"$line\"]" "output_dir=$dir" \
+    > "/tmp/$name.log" 2>&1
+  echo "exit $?"; tail -3 "/tmp/$name.log" | cut -c1-300
+  # one file per variant (the device tool returns at most 8): results, step times, profile, log tails
+  mkdir -p /tmp/benchjson; cp "$dir/bench.json" "/tmp/benchjson/$name.json" 2>/dev/null
+  run=$dir/$name
+  { echo "### $line"; cat "$dir/bench.md" 2>/dev/null
+    python3 -c "import json,sys;[print(s) for s in json.load(open(sys.argv[1]))['train']['step_times']]" "$run/metrics.json" 2>/dev/null
+    for f in "$run"/profile/ops_by_cuda.txt "$run"/profile/ops_by_cpu.txt; do [ -f "$f" ] && { echo "#### $f"; cut -c1-220 "$f"; }; done
+    for f in "/tmp/$name.log" "$run"/run*.log "$run/bench.log"; do [ -f "$f" ] && { echo "#### $f"; grep -v "it/s\]" "$f" | tail -25 | cut -c1-400; }; done
+  } > "$OUT/$name.txt"
+done <<< "${VARIANTS:-plain}"
+python3 - /tmp/benchjson <<'PY' | tee -a "$OUT/cards.txt"
+import glob, json, os, sys
+rows = []
+for path in sorted(glob.glob(f"{sys.argv[1]}/*.json"), key=os.path.getmtime):
+    b = json.load(open(path))
+    rows += [(b, r) for r in b["results"]]
+if rows:
+    print(f"{rows[0][0]['device']}; {rows[0][0]['versions']}\n")
+    print("| variant | procs | tokens/s/GPU | vs first | step s | MFU | alloc GiB | reserved GiB | loss first->last |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    base = rows[0][1]["tokens_per_s_per_gpu"]
+    f = lambda v, spec: "n/a" if v is None else format(v, spec)
+    for b, r in rows:
+        print(f"| {r['name']} | {r['processes']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['tokens_per_s_per_gpu']/base:.2f}x | "
+              f"{r['median_step_s']:.3f} | {f(r['mfu'], '.1%')} | {f(r['peak_allocated_gib'], '.2f')} | "
+              f"{f(r['peak_reserved_gib'], '.2f')} | {f(r['first_loss'], '.4f')} -> {f(r['last_loss'], '.4f')} |")
+PY

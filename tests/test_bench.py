@@ -1,0 +1,112 @@
+"""`bench`: shapes, the FLOPs rule, synthetic data and tokenizer, and a two-variant run on the tiny shape."""
+
+import json
+
+import pytest
+
+from qlora_recipes import bench, cli
+from qlora_recipes.errors import RecipeError
+from qlora_recipes.schema import BenchShape
+
+
+def test_matmul_params_match_the_published_sizes():
+    # Llama-2-7B has 6,738,415,616 parameters; N leaves out the 32000 x 4096 input embedding
+    assert bench.matmul_params(bench.SHAPES[BenchShape.llama2_7b]) == 6_738_415_616 - 32000 * 4096
+    # Llama-3-8B: 8,030,261,248 parameters, embedding 128256 x 4096
+    assert bench.matmul_params(bench.SHAPES[BenchShape.llama3_8b]) == 8_030_261_248 - 128256 * 4096
+
+
+@pytest.mark.parametrize(
+    "name, flops", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989e12)]
+)
+def test_peak_flops_by_card_name(name, flops):
+    assert bench.peak_flops(name) == flops
+    assert bench.peak_flops("CPU") is None
+
+
+def test_word_tokenizer_gives_one_token_per_word():
+    tokenizer = bench.word_tokenizer(500)
+    rows = bench.synthetic_rows(20, 500, mean_words=40, seed=1)
+    for row in rows:
+        text = " ".join(m["content"] for m in row["messages"])
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(text.split()) and min(ids) >= bench.FIRST_WORD and max(ids) < 500
+    lengths = [len(" ".join(m["content"] for m in r["messages"]).split()) for r in rows]
+    assert 20 <= min(lengths) and max(lengths) <= 60
+    assert bench.synthetic_rows(3, 500, 40, seed=1) == rows[:3]  # deterministic
+
+
+@pytest.mark.parametrize(
+    "entries, parsed",
+    [
+        (["plain"], {"plain": []}),
+        (
+            ["plain", "fsdp: dist=fsdp trainer.batch_size=8"],
+            {"plain": [], "fsdp": ["dist=fsdp", "trainer.batch_size=8"]},
+        ),
+    ],
+)
+def test_parse_variants(entries, parsed):
+    assert bench.parse_variants(entries) == parsed
+
+
+@pytest.mark.parametrize("entries", [["a", "a"], [": dist=fsdp"], ["bad name: x=1"]])
+def test_parse_variants_rejects_bad_entries(entries):
+    with pytest.raises(RecipeError, match="bench.variants"):
+        bench.parse_variants(entries)
+
+
+def test_measure_leaves_out_warmup_and_profiled_steps():
+    metrics = {
+        "run_dir": "r",
+        "memory": {"peak_allocated_gib": 1.0, "peak_reserved_gib": 2.0},
+        "train": {
+            "first_logged_loss": 2.0,
+            "last_logged_loss": 1.0,
+            "loss_curve": [],
+            "step_times": [
+                {"step": 1, "seconds": 10.0, "tokens": 100},  # warm-up
+                {"step": 2, "seconds": 1.0, "tokens": 1000},
+                {"step": 3, "seconds": 2.0, "tokens": 1000},
+                {"step": 4, "seconds": 1.0, "tokens": 3000},
+                {"step": 5, "seconds": 50.0, "tokens": 1000},  # profiled
+            ],
+        },
+    }
+    m = bench.measure("x", [], metrics, processes=2, n_params=10**9, peak=1e15, warmup=1, profiled=5)
+    assert m.measured_steps == 3
+    assert m.tokens_per_s_per_gpu == 500  # median of 1000, 500, 3000 tokens/s, over 2 processes
+    assert m.median_step_s == 1.0
+    assert m.mfu == pytest.approx(4 * 10**9 * 500 / 1e15)
+
+
+def test_bench_runs_each_variant_and_writes_the_table(tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = [
+        "bench",
+        "+recipe=llama2_chatml",
+        "bench.shape=tiny",
+        "bench.steps=2",
+        "bench.warmup=1",
+        "bench.profile=true",
+        "trainer.max_seq_len=128",
+        'bench.variants=[plain,"r4: lora.r=4"]',
+        f"output_dir={out}",
+    ]
+    assert cli.main(args) == 0
+    report = json.loads((out / "bench.json").read_text())
+    assert [r["name"] for r in report["results"]] == ["plain", "r4"]
+    assert report["matmul_params_N"] == bench.matmul_params(bench.SHAPES[BenchShape.tiny])
+    for result in report["results"]:
+        assert result["measured_steps"] == 2 and result["tokens_per_s_per_gpu"] > 0
+        metrics = json.loads((out / result["name"] / "metrics.json").read_text())
+        assert [s["step"] for s in metrics["train"]["step_times"]] == [1, 2, 3, 4]  # warm-up, 2 measured, profiled
+        assert all(s["tokens"] > 0 for s in metrics["train"]["step_times"])
+        assert (out / result["name"] / "profile" / "ops_by_cpu.txt").is_file()
+        assert not (out / result["name"] / "adapter").exists()  # bench saves nothing
+    recipe = (out / "r4" / "recipe.yaml").read_text()
+    assert "r: 4" in recipe and "name_or_path: " + str(bench.checkpoint(BenchShape.tiny)) in recipe
+    table = (out / "bench.md").read_text()
+    assert "| plain | 1 |" in table and "| r4 | 1 |" in table and "`lora.r=4`" in table
+    assert "tokens/s per GPU" in capsys.readouterr().out
+    assert cli.main(args) == 2  # an existing bench dir is never overwritten
