@@ -8,16 +8,21 @@ runner's step clock gives every step's wall time and real (non-padding) tokens. 
 bench.md in the bench dir.
 
 Figures: tokens/s per GPU = median over the measured steps of (real tokens in the step / step seconds)
-/ processes. MFU = 4 * N * (tokens/s per GPU) / the card's dense bf16 peak, with N the base model's
-parameters except the input embedding (a lookup): LoRA's forward is 2N FLOPs a token and the backward
-computes input gradients only (another 2N), since the base weights are frozen. The recompute of
-gradient checkpointing and attention's own FLOPs are not counted, as is usual for this rule.
+/ processes. The fastest and slowest measured step are reported beside the median: the QLoRA step is
+partly host-bound (Python launching ~40k kernels a step), so the host's speed shows in it and varies
+from run to run and machine to machine; the table flags variants measured on too few or too uneven
+steps, and only ratios between variants of one bench run mean anything.
+MFU = 4 * N * (tokens/s per GPU) / the card's dense bf16 peak, with N the base model's parameters except
+the input embedding (a lookup): LoRA's forward is 2N FLOPs a token and the backward computes input
+gradients only (another 2N), since the base weights are frozen. The recompute of gradient checkpointing
+and attention's own FLOPs are not counted, as is usual for this rule.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import statistics
 import subprocess
@@ -198,6 +203,8 @@ class Measured:
     processes: int
     tokens_per_s_per_gpu: float
     median_step_s: float
+    min_step_s: float
+    max_step_s: float
     measured_steps: int
     peak_allocated_gib: float | None
     peak_reserved_gib: float | None
@@ -231,6 +238,8 @@ def measure(
         processes=processes,
         tokens_per_s_per_gpu=rate,
         median_step_s=statistics.median(s["seconds"] for s in steps),
+        min_step_s=min(s["seconds"] for s in steps),
+        max_step_s=max(s["seconds"] for s in steps),
         measured_steps=len(steps),
         peak_allocated_gib=memory.get("peak_allocated_gib"),
         peak_reserved_gib=memory.get("peak_reserved_gib"),
@@ -252,18 +261,49 @@ def markdown(results: list[Measured], header: dict[str, Any]) -> str:
     lines += [f"- {key}: {value}" for key, value in header.items() if key not in ("recipe", "shape")]
     lines += [
         "",
-        "| variant | processes | tokens/s per GPU | vs first | median step s | MFU (4N) | peak alloc GiB | peak reserved GiB "
-        "| loss first -> last | overrides |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | processes | tokens/s per GPU | vs first | median step s | steps (min-max s) | MFU (4N) | peak alloc GiB "
+        "| peak reserved GiB | loss first -> last | overrides |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.name} | {r.processes} | {r.tokens_per_s_per_gpu:,.0f} | "
-            f"{r.tokens_per_s_per_gpu / base.tokens_per_s_per_gpu:.2f}x | {r.median_step_s:.3f} | {num(r.mfu, '.1%')} | "
+            f"{r.tokens_per_s_per_gpu / base.tokens_per_s_per_gpu:.2f}x | {r.median_step_s:.3f} | "
+            f"{r.measured_steps} ({r.min_step_s:.2f}-{r.max_step_s:.2f}) | {num(r.mfu, '.1%')} | "
             f"{num(r.peak_allocated_gib, '.2f')} | {num(r.peak_reserved_gib, '.2f')} | "
             f"{num(r.first_loss, '.4f')} -> {num(r.last_loss, '.4f')} | `{' '.join(r.overrides) or '(recipe)'}` |"
         )
+    warnings = [w for r in results if (w := uneven(r))]
+    if warnings:
+        lines += ["", *warnings]
     return "\n".join(lines) + "\n"
+
+
+MIN_STEPS = 10  # fewer measured steps cannot tell a variant from the host's noise (docs/gpu.md)
+MAX_SPREAD = 1.5  # slowest / fastest measured step above this: the host stalled during the run
+
+
+def uneven(r: Measured) -> str | None:
+    """A warning line for a variant whose figure rests on too few or too uneven steps, else None."""
+    problems = []
+    if r.measured_steps < MIN_STEPS:
+        problems.append(f"only {r.measured_steps} measured steps (use bench.steps >= {MIN_STEPS})")
+    if r.max_step_s > MAX_SPREAD * r.min_step_s:
+        spread = r.max_step_s / r.min_step_s
+        problems.append(f"its steps took {r.min_step_s:.2f} to {r.max_step_s:.2f} s ({spread:.1f}x)")
+    if not problems:
+        return None
+    return (
+        f"- warning: {r.name}: {'; '.join(problems)}. The step is partly host-bound: rerun it beside its baseline "
+        "in one bench run before reading the figure as a speed-up or slow-down."
+    )
+
+
+def flush_to_disk() -> None:
+    """Write back dirty pages (a just-built 7B checkpoint leaves ~13 GB of them) before the first variant
+    trains, so the kernel's write-back does not run during its first steps. No-op where os.sync is missing."""
+    if hasattr(os, "sync"):
+        os.sync()
 
 
 def device_name() -> str:
@@ -301,7 +341,7 @@ def bench_overrides(
         "trainer.task_eval_samples=0",
         "trainer.logging_steps=1",
         f"trainer.profile_steps=[{profile_step}]" if profile_step else "trainer.profile_steps=[]",
-        "report_to=[]",
+        "logger=none",
         f"output_dir={bench_dir / name}",
     ]
 
@@ -354,6 +394,7 @@ def run_bench(overrides: list[str]) -> list[Measured]:
     rows = max(rows_needed(v.recipe, total) for _, _, v in plans)
     mean_words = max(8, resolved.recipe.trainer.max_seq_len // 2)
     data = write_data(bench_dir / "data" / "train.jsonl", synthetic_rows(rows, shape["vocab_size"], mean_words))
+    flush_to_disk()
     print(
         f"# bench {name_} on {cfg.shape.value} ({gpu}): {ckpt}, {rows} synthetic rows, "
         f"{cfg.warmup} warm-up + {cfg.steps} measured steps",
@@ -381,7 +422,8 @@ def run_bench(overrides: list[str]) -> list[Measured]:
         )
         results.append(result)
         print(
-            f"#   {result.tokens_per_s_per_gpu:,.0f} tokens/s per GPU, median step {result.median_step_s:.3f} s, "
+            f"#   {result.tokens_per_s_per_gpu:,.0f} tokens/s per GPU, median step {result.median_step_s:.3f} s "
+            f"({result.measured_steps} steps, {result.min_step_s:.2f}-{result.max_step_s:.2f} s), "
             f"peak reserved {result.peak_reserved_gib if result.peak_reserved_gib is not None else 'n/a'} GiB "
             f"({time.time() - started:.0f} s)",
             flush=True,

@@ -6,6 +6,9 @@ validate  compose, resolve and build the library objects; loads no weights
 ls        the recipes with one line each
 train     train the recipe in an existing run dir (what `run` and launched workers call)
 bench     tokens/s, MFU and memory per variant on a random-weight model shape (bench.json, bench.md)
+eval      a finished run: eval loss/perplexity and base vs trained answers on the test split (eval.md)
+merge     a finished run's adapter merged into its base: bf16 safetensors + tokenizer (RUN_DIR/merged)
+chat      talk to a run dir or merged model with its chat template (prompt="..." answers once)
 
 Errors a user can cause print as one message and exit with code 2, never a traceback.
 """
@@ -14,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +46,9 @@ def plan_summary(resolved: Resolved, output_dir: str | Path) -> dict[str, Any]:
         "from_pretrained": plan.model_kwargs(recipe),
         "BitsAndBytesConfig": plan.bnb_kwargs(recipe),
         "LoraConfig": plan.lora_kwargs(recipe),
-        "SFTConfig": plan.sft_kwargs(recipe, output_dir, on_cpu=resolved.device.kind == "cpu"),
+        f"{recipe.trainer.kind.value.upper()}Config": plan.trainer_kwargs(
+            recipe, output_dir, on_cpu=resolved.device.kind == "cpu"
+        ),
         "accelerate": plan.accelerate_config(recipe, on_cpu=resolved.device.kind == "cpu"),
     }
 
@@ -94,7 +101,7 @@ def cmd_validate(overrides: list[str]) -> None:
     names = [
         type(built.model_kwargs.get("quantization_config")).__name__,
         type(built.lora).__name__,
-        type(built.sft).__name__,
+        type(built.trainer).__name__,
     ]
     print(f"OK: recipe '{resolved.recipe.name}' ({', '.join(f'{g}={o}' for g, o in choices.items())})")
     print(f"    builds {', '.join(n for n in names if n != 'NoneType')} on {resolved.device.describe()}")
@@ -175,29 +182,82 @@ def launch(command: list[str], run_dir: Path) -> None:
 
 def cmd_run(overrides: list[str], multirun: bool) -> None:
     if multirun:
-        run_sweep(overrides)
+        from qlora_recipes.sweep import SUMMARY, run_sweep
+
+        sweep_dir, rows = run_sweep(overrides)
+        failed = sum(r["status"] != "ok" for r in rows)
+        if failed:
+            raise LaunchFailed(1, f"{failed} of {len(rows)} sweep jobs failed: see {sweep_dir / SUMMARY}.md")
         return
     resolved, _ = resolve_overrides(overrides)
     start_run(resolved)
 
 
-def run_sweep(overrides: list[str]) -> None:
-    """Hydra multirun: every job composes its own overrides and trains in its own sweep subdir."""
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
+# key=value options of the post-training verbs: name -> (type, help)
+POST_OPTIONS: dict[str, dict[str, tuple[type, str]]] = {
+    "eval": {"samples": (int, "held-out prompts to generate for (default: trainer.task_eval_samples, or 8)")},
+    "merge": {
+        "out": (Path, "output dir (default RUN_DIR/merged; never overwritten)"),
+        "dtype": (str, "bfloat16 (default), float16 or float32"),
+    },
+    "chat": {
+        "prompt": (str, "answer this one message and exit (else interactive)"),
+        "system": (str, "a system message"),
+        "max_new_tokens": (int, "default: the run's trainer.max_new_tokens"),
+    },
+}
+MERGE_DTYPES = ("bfloat16", "float16", "float32")
 
-    from qlora_recipes.compose import conf_dir, register, reject_unknown_keys
 
-    register()
+def post_options(verb: str, pairs: list[str]) -> dict[str, Any]:
+    """key=value arguments of eval/merge/chat, typed, with the allowed keys named on a mistake."""
+    allowed = POST_OPTIONS[verb]
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in allowed:
+            raise RecipeError(f"{verb}: unknown option {pair!r}; allowed: " + ", ".join(f"{k}=..." for k in allowed))
+        kind = allowed[key][0]
+        try:
+            options[key] = kind(value)
+        except ValueError:
+            raise RecipeError(f"{verb}: {key}={value!r} must be {kind.__name__}") from None
+    if options.get("dtype", "bfloat16") not in MERGE_DTYPES:
+        raise RecipeError(f"merge: dtype={options['dtype']!r}; allowed: {', '.join(MERGE_DTYPES)}")
+    return options
 
-    @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
-    def job(cfg: Any) -> None:
-        reject_unknown_keys(cfg)  # as compose() does for single runs
-        resolved = resolve(cfg, probe_device())
-        start_run(resolved, resolved.recipe.output_dir or HydraConfig.get().runtime.output_dir)
 
-    sys.argv = [sys.argv[0], "--multirun", *with_default_recipe(overrides)]
-    job()
+@contextmanager
+def post_logging():
+    """Our progress lines on stdout while eval/merge/chat run (training has its own run.log setup)."""
+    from qlora_recipes.runner import console_handler
+
+    log = logging.getLogger("qlora_recipes")
+    handler = console_handler()
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+
+
+def cmd_post(verb: str, path: Path, pairs: list[str]) -> None:
+    from qlora_recipes import posttrain
+
+    options = post_options(verb, pairs)
+    if not path.is_dir():
+        raise RecipeError(f"{path}: no such run dir")
+    if verb == "eval":
+        result = posttrain.evaluate_run(path, options.get("samples"))
+        print((path / "eval.md").read_text())
+        print(f"# written: {path / 'eval.md'}, {path / 'eval.json'} ({result['samples']} samples)")
+    elif verb == "merge":
+        out = posttrain.merge(path, options.get("out"), options.get("dtype", "bfloat16"))
+        print(f"merged model: {out}  (AutoModelForCausalLM.from_pretrained('{out}'); chat {out} prompt=...)")
+    else:
+        posttrain.chat(path, options.get("prompt"), options.get("system"), options.get("max_new_tokens"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -227,6 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="CHECKPOINT",
         help="continue from the latest complete checkpoint (or the one given)",
     )
+    post_help = {
+        "eval": "evaluate a finished run: eval loss/perplexity, base vs trained answers (RUN_DIR/eval.md)",
+        "merge": "merge a run's adapter into its base: bf16 safetensors with tokenizer (RUN_DIR/merged)",
+        "chat": "chat with a run dir or a merged model dir (interactive; prompt=... answers once)",
+    }
+    for verb, text in post_help.items():
+        sub = verbs.add_parser(verb, help=text)
+        sub.add_argument("run_dir", type=Path, metavar="RUN_DIR" if verb != "chat" else "RUN_OR_MODEL_DIR")
+        sub.add_argument(
+            "options",
+            nargs="*",
+            help="; ".join(f"{k}=: {h}" for k, (_, h) in POST_OPTIONS[verb].items()),
+        )
     for sub in (run, show, verbs.choices["validate"], bench):
         sub.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. +recipe=llama2_chatml lora.r=16")
     return parser
@@ -248,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
             from qlora_recipes.bench import run_bench
 
             run_bench(args.overrides)
+        elif args.verb in POST_OPTIONS:
+            with post_logging():
+                cmd_post(args.verb, args.run_dir, args.options)
         elif args.verb == "train":
             cmd_train(args.run_dir, args.resume)
         else:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qlora_recipes.errors import DataError
-from qlora_recipes.schema import DataConfig, DataFormat, LossOn, RecipeConfig
+from qlora_recipes.schema import DataConfig, DataFormat, LossOn, RecipeConfig, TrainerKind
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,9 @@ REQUIRED = {
     DataFormat.text: "a text column (data.text_field)",
     DataFormat.alpaca: "instruction and output columns (input optional)",
     DataFormat.prompt_completion: "prompt and completion columns",
+    DataFormat.preference: "prompt, chosen and rejected columns",
 }
+PREFERENCE_COLUMNS = {"prompt", "chosen", "rejected"}
 
 
 @dataclass
@@ -67,7 +69,7 @@ def _load_file(path: Path, disable_cache: bool) -> Any:
     if path.suffix == ".jsonl":
         check_jsonl(path)
     try:
-        return datasets.load_dataset(
+        loaded = datasets.load_dataset(
             builder,
             data_files=str(path),
             split="train",
@@ -75,6 +77,26 @@ def _load_file(path: Path, disable_cache: bool) -> Any:
         )
     except Exception as exc:
         raise DataError(f"cannot read {path}: {exc}") from None
+    if builder == "json" and has_dates(loaded.features):
+        # pyarrow's JSON reader turns strings that look like dates ("2049-08-04") into timestamps, which
+        # would change the text the model sees: rebuild the table from the JSON as written
+        log.info("%s: strings that look like dates are kept as written (pyarrow read them as timestamps)", path)
+        text = path.read_text(encoding="utf-8")
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else None
+        loaded = datasets.Dataset.from_list(rows if rows is not None else json.loads(text))
+    return loaded
+
+
+def has_dates(feature: Any) -> bool:
+    """True if a datasets feature (nested dicts and lists included) holds a timestamp or date type."""
+    if isinstance(feature, dict):
+        return any(has_dates(f) for f in feature.values())
+    if isinstance(feature, (list, tuple)):
+        return any(has_dates(f) for f in feature)
+    inner = getattr(feature, "feature", None)  # List / Sequence
+    if inner is not None:
+        return has_dates(inner)
+    return str(getattr(feature, "dtype", "")).startswith(("timestamp", "date"))
 
 
 def _split_source(root: Path, split: str) -> Path | None:
@@ -156,8 +178,23 @@ def load_splits(data: DataConfig, seed: int) -> tuple[Any, Any | None]:
 # ---------------------------------------------------------------- formats
 
 
-def detect_format(columns: list[str], data: DataConfig) -> DataFormat:
+def detect_format(columns: list[str], data: DataConfig, trainer: TrainerKind = TrainerKind.sft) -> DataFormat:
+    """The data set's format from data.format or its columns; preference data goes with trainer=dpo only."""
     cols = set(columns)
+    preference = {"chosen", "rejected"} <= cols
+    if trainer is TrainerKind.dpo:
+        if not PREFERENCE_COLUMNS <= cols:
+            shape = "SFT-shaped rows" if not preference else "chosen/rejected without a prompt column"
+            raise DataError(
+                f"trainer=dpo needs preference rows ({REQUIRED[DataFormat.preference]}); {data.name} has {shape} "
+                f"(columns {sorted(cols)}). Use trainer=sft for this data set, or a preference data set"
+            )
+        return DataFormat.preference
+    if preference:
+        raise DataError(
+            f"{data.name} is preference data (chosen/rejected columns): trainer=sft needs messages, text, alpaca "
+            "or prompt/completion rows. Use trainer=dpo for preference pairs"
+        )
     if data.format is not DataFormat.auto:
         needed = {
             DataFormat.messages: {data.messages_field},
@@ -171,11 +208,6 @@ def detect_format(columns: list[str], data: DataConfig) -> DataFormat:
                 f"{sorted(cols)}. Fix data.format (or auto) or the column names"
             )
         return data.format
-    if {"chosen", "rejected"} <= cols:
-        raise DataError(
-            f"{data.name} is preference data (chosen/rejected columns): SFT needs messages, text, alpaca or "
-            "prompt/completion rows"
-        )
     if data.messages_field in cols:
         return DataFormat.messages
     if {"prompt", "completion"} <= cols:
@@ -206,6 +238,11 @@ def to_messages(row: dict[str, Any], fmt: DataFormat, data: DataConfig) -> list[
         if isinstance(prompt, list):  # conversational prompt/completion
             return list(prompt) + list(completion)
         return None
+    if fmt is DataFormat.preference:  # the prompt and the chosen answer
+        prompt, chosen = row["prompt"], row["chosen"]
+        if isinstance(prompt, list):
+            return list(prompt) + list(chosen)
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": chosen}]
     return None
 
 
@@ -305,16 +342,68 @@ def tokenize_split(raw: Any, fmt: DataFormat, tokenizer: Any, recipe: RecipeConf
     return datasets.Dataset.from_list(rows), stats
 
 
+def preference_split(raw: Any, tokenizer: Any, recipe: RecipeConfig, name: str) -> tuple[Any, dict[str, Any]]:
+    """Preference rows checked for shape and filtered by trainer.max_prompt_len / max_completion_len (in
+    tokens, after the chat template); DPOTrainer tokenizes them itself."""
+    t = recipe.trainer
+    conversational = isinstance(raw[0]["prompt"], list)
+
+    def tokens(messages_or_text: Any, generation_prompt: bool = False) -> int:
+        if conversational:
+            text = tokenizer.apply_chat_template(
+                messages_or_text, tokenize=False, add_generation_prompt=generation_prompt
+            )
+        else:
+            text = messages_or_text
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def lengths(row: dict[str, Any]) -> tuple[int, int]:
+        """Prompt tokens (with the generation prompt) and the longer answer's tokens after it."""
+        prompt = tokens(row["prompt"], generation_prompt=True)
+        if conversational:
+            answer = max(tokens(row["prompt"] + row[c]) for c in ("chosen", "rejected")) - prompt
+        else:
+            answer = max(tokens(row[c]) for c in ("chosen", "rejected"))
+        return prompt, answer
+
+    keep, dropped = [], 0
+    for i, row in enumerate(raw):
+        kinds = {isinstance(row[c], list) for c in ("prompt", "chosen", "rejected")}
+        if kinds != {conversational}:
+            raise DataError(
+                f"{recipe.data.name} ({name} row {i}): prompt, chosen and rejected must all be strings or all be "
+                "lists of {role, content} messages, like the first row"
+            )
+        prompt, answer = lengths(row) if t.max_prompt_len or t.max_completion_len else (0, 0)
+        if (t.max_prompt_len and prompt > t.max_prompt_len) or (t.max_completion_len and answer > t.max_completion_len):
+            dropped += 1
+        else:
+            keep.append(i)
+    if dropped:
+        log.warning("%d %s pairs exceed trainer.max_prompt_len/max_completion_len and were dropped", dropped, name)
+    if not keep:
+        raise DataError(f"no {name} pair fits trainer.max_prompt_len/max_completion_len: raise them")
+    stats = {"pairs": len(keep), "dropped_too_long": dropped, "conversational": conversational}
+    return raw.select(keep), stats
+
+
 def prepare(recipe: RecipeConfig, tokenizer: Any) -> Prepared:
     data = recipe.data
     train_raw, eval_raw = load_splits(data, recipe.seed)
-    fmt = detect_format(list(train_raw.column_names), data)
+    fmt = detect_format(list(train_raw.column_names), data, recipe.trainer.kind)
     if eval_raw is not None:
-        detect_format(list(eval_raw.column_names), data)  # same shape, or a clear error
+        detect_format(list(eval_raw.column_names), data, recipe.trainer.kind)  # same shape, or a clear error
     if data.max_train_samples:
         train_raw = train_raw.select(range(min(data.max_train_samples, len(train_raw))))
     if eval_raw is not None and data.max_eval_samples:
         eval_raw = eval_raw.select(range(min(data.max_eval_samples, len(eval_raw))))
+    if fmt is DataFormat.preference:
+        train, train_stats = preference_split(train_raw, tokenizer, recipe, "train")
+        eval_pairs = preference_split(eval_raw, tokenizer, recipe, "eval") if eval_raw is not None else None
+        stats = {"format": fmt.value, "train": train_stats}
+        if eval_pairs:
+            stats["eval"] = eval_pairs[1]
+        return Prepared(train, eval_pairs[0] if eval_pairs else None, eval_raw, fmt, stats)
     train, train_stats = tokenize_split(train_raw, fmt, tokenizer, recipe, "train")
     stats: dict[str, Any] = {"format": fmt.value, "train": train_stats}
     eval_set = None

@@ -1,4 +1,4 @@
-"""Materialize: plan dicts -> library objects (BitsAndBytesConfig, peft.LoraConfig, trl.SFTConfig).
+"""Materialize: plan dicts -> library objects (BitsAndBytesConfig, peft.LoraConfig, trl.SFTConfig/DPOConfig).
 
 The one thin step that imports torch/transformers/peft/trl; every decision was made in `plan.py`.
 """
@@ -44,11 +44,13 @@ def lora_config(kwargs: dict[str, Any] | None) -> Any:
         raise RecipeError(f"lora settings rejected by peft: {exc}") from None
 
 
-def sft_config(kwargs: dict[str, Any]) -> Any:
-    from trl import SFTConfig
+def trainer_config(recipe: Any, kwargs: dict[str, Any]) -> Any:
+    """SFTConfig or DPOConfig, as the recipe's trainer.kind says."""
+    from trl import DPOConfig, SFTConfig
 
+    config_class = DPOConfig if recipe.trainer.kind.value == "dpo" else SFTConfig
     try:
-        return SFTConfig(**kwargs)
+        return config_class(**kwargs)
     except ValueError as exc:
         raise RecipeError(f"trainer settings rejected by TRL/transformers: {exc}") from None
 
@@ -69,7 +71,7 @@ def from_pretrained_kwargs(resolved: Resolved) -> dict[str, Any]:
 class Materialized:
     model_kwargs: dict[str, Any]
     lora: Any
-    sft: Any
+    trainer: Any  # SFTConfig or DPOConfig
 
 
 def materialize(
@@ -82,5 +84,5 @@ def materialize(
     return Materialized(
         model_kwargs=from_pretrained_kwargs(resolved),
         lora=lora_config(plan.lora_kwargs(recipe, facts, new_token_ids)),
-        sft=sft_config(plan.sft_kwargs(recipe, output_dir, on_cpu=resolved.device.kind == "cpu")),
+        trainer=trainer_config(recipe, plan.trainer_kwargs(recipe, output_dir, on_cpu=resolved.device.kind == "cpu")),
     )

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_recipes.schema import DistBackend, Precision, RecipeConfig, Strategy
+from qlora_recipes.schema import DistBackend, Logger, Precision, RecipeConfig, Strategy, TrainerKind
 
 # Linear layers of a Llama-family decoder block; used only to describe a plan before a model is loaded.
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -100,9 +100,8 @@ def lora_kwargs(
     return kwargs
 
 
-def sft_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = False) -> dict[str, Any]:
-    """`trl.SFTConfig` keywords. The data arrives tokenized with labels (data.py), so TRL's own
-    text handling (dataset_text_field, completion masks) is bypassed; packing and truncation still apply."""
+def training_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = False) -> dict[str, Any]:
+    """The `transformers.TrainingArguments` part, shared by SFTConfig and DPOConfig."""
     t = recipe.trainer
     kwargs: dict[str, Any] = {
         "output_dir": str(output_dir),
@@ -129,9 +128,7 @@ def sft_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = Fals
         "fp16": t.precision is Precision.fp16,
         "gradient_checkpointing": t.gradient_checkpointing,
         "max_length": t.max_seq_len,
-        "packing": t.packing,
-        "dataset_text_field": recipe.data.text_field,
-        "report_to": list(recipe.report_to) or "none",
+        "report_to": [recipe.logger.value] if recipe.logger is not Logger.none else "none",
         "use_cpu": on_cpu,  # transformers refuses bf16 on a GPU-less machine unless told it is CPU on purpose
     }
     if t.eval_strategy is Strategy.steps:
@@ -141,6 +138,44 @@ def sft_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = Fals
     if recipe.dist.backend is DistBackend.ddp and world_size(recipe) > 1:
         kwargs["ddp_find_unused_parameters"] = False  # frozen base weights are not "unused" parameters
     return kwargs
+
+
+def logger_env(recipe: RecipeConfig, run_dir: str | Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(set for this run, defaults the user's environment may override) for the chosen logger. TensorBoard
+    writes in the run dir; MLflow to a local store runs/mlruns (no server, no network); wandb gets the
+    project and keeps its local files in the run dir."""
+    project = recipe.logger_project or recipe.name
+    per_run = {"TENSORBOARD_LOGGING_DIR": str(Path(run_dir) / "tensorboard")}
+    defaults: dict[str, str] = {}
+    if recipe.logger is Logger.wandb:
+        per_run["WANDB_DIR"] = str(run_dir)
+        defaults["WANDB_PROJECT"] = project
+    if recipe.logger is Logger.mlflow:
+        defaults |= {"MLFLOW_EXPERIMENT_NAME": project, "MLFLOW_TRACKING_URI": f"file:{Path('runs/mlruns').resolve()}"}
+    return per_run, defaults
+
+
+def sft_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = False) -> dict[str, Any]:
+    """`trl.SFTConfig` keywords. The data arrives tokenized with labels (data.py), so TRL's own
+    text handling (dataset_text_field, completion masks) is bypassed; packing and truncation still apply."""
+    return {
+        **training_kwargs(recipe, output_dir, on_cpu),
+        "packing": recipe.trainer.packing,
+        "dataset_text_field": recipe.data.text_field,
+    }
+
+
+def dpo_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = False) -> dict[str, Any]:
+    """`trl.DPOConfig` keywords. The reference model is not configured here: with LoRA, TRL computes the
+    reference log-probabilities with the adapter disabled (runner passes no ref_model)."""
+    t = recipe.trainer
+    return {**training_kwargs(recipe, output_dir, on_cpu), "beta": t.beta, "loss_type": [t.dpo_loss.value]}
+
+
+def trainer_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = False) -> dict[str, Any]:
+    """The config keywords of the recipe's trainer kind (SFTConfig or DPOConfig)."""
+    build = dpo_kwargs if recipe.trainer.kind is TrainerKind.dpo else sft_kwargs
+    return build(recipe, output_dir, on_cpu)
 
 
 SHARDED = (DistBackend.fsdp, DistBackend.zero3, DistBackend.zero3_offload)  # parameters split across GPUs

@@ -28,6 +28,7 @@ from qlora_recipes.schema import (
     Strategy,
     TaskMetric,
     TemplateFormat,
+    TrainerKind,
 )
 
 
@@ -229,6 +230,17 @@ def validate(resolved: Resolved) -> None:
             "backend=unsloth but the unsloth package is not installed: pip install unsloth, or use backend=hf",
         )
     need(
+        not r.sweep_gpus or (r.dist.num_processes == 1 and r.dist.num_machines == 1),
+        f"sweep_gpus={list(r.sweep_gpus)} with dist.num_processes={r.dist.num_processes}: a pinned sweep job sees "
+        "one GPU, so it trains in one process. Drop sweep_gpus, or use dist=single",
+    )
+    for logger in ("wandb", "mlflow"):
+        need(
+            r.logger.value != logger or importlib.util.find_spec(logger) is not None,
+            f"logger={logger} but the {logger} package is not installed: pip install {logger}, or use "
+            "logger=tensorboard (the default, offline) or logger=none",
+        )
+    need(
         r.model.attn_implementation is not Attention.flash_attention_2 or device.flash_attn,
         "model.attn_implementation=flash_attention_2 but flash-attn is not installed (or no GPU): "
         "pip install flash-attn on a CUDA machine, or use model.attn_implementation=sdpa",
@@ -264,6 +276,38 @@ def validate(resolved: Resolved) -> None:
         "Use dist.fsdp_version=2, set lora.train_new_tokens=false (the rows keep their initial values, as in the "
         "original), use a template without new tokens (template=tokenizer), or dist=zero3",
     )
+
+    # trainer kind and data shape
+    dpo = t.kind is TrainerKind.dpo
+    need(
+        not dpo or d.format in (DataFormat.auto, DataFormat.preference),
+        f"trainer=dpo with data.format={d.format.value}: DPO trains on preference pairs "
+        "(prompt/chosen/rejected). Use data.format=preference (or auto), or trainer=sft for this data",
+    )
+    need(
+        dpo or d.format is not DataFormat.preference,
+        "data.format=preference with trainer=sft: preference pairs train with trainer=dpo; SFT needs "
+        "messages, text, alpaca or prompt/completion rows",
+    )
+    if dpo:
+        need(
+            lora.enabled,
+            "trainer=dpo with lora=none: the reference model would be a second full copy of the weights. "
+            "Use LoRA (lora=default): the reference is then the base with the adapter switched off",
+        )
+        need(
+            not t.packing, "trainer=dpo with trainer.packing=true: DPO pairs are not packed; set trainer.packing=false"
+        )
+        need(
+            not (tpl.add_tokens and lora.train_new_tokens),
+            "trainer=dpo with trainable new-token rows: TRL's DPO computes log-probabilities from lm_head.weight "
+            "directly, so trained rows on the head would be ignored. Set lora.train_new_tokens=false or use a "
+            "template without new tokens (template.add_tokens=false)",
+        )
+        need(t.beta > 0, f"trainer.beta={t.beta}: must be > 0")
+        for key in ("max_prompt_len", "max_completion_len"):
+            value = getattr(t, key)
+            need(value is None or value >= 1, f"trainer.{key}={value}: must be >= 1 or null")
 
     # model
     if r.model.source is not ModelSource.hub_or_path:

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from qlora_recipes import data as data_mod
-from qlora_recipes import models, plan, rundir
+from qlora_recipes import models, plan, plots, rundir
 from qlora_recipes.errors import Interrupted, RecipeError
-from qlora_recipes.materialize import from_pretrained_kwargs, lora_config, sft_config
+from qlora_recipes.materialize import from_pretrained_kwargs, lora_config, trainer_config
 from qlora_recipes.resolve import Resolved
-from qlora_recipes.schema import Backend, DistBackend, RecipeConfig, TaskMetric
+from qlora_recipes.schema import Backend, DistBackend, RecipeConfig, TaskMetric, TrainerKind
 from qlora_recipes.templates import tokenizer_changes
 
 log = logging.getLogger("qlora_recipes")
@@ -38,6 +38,13 @@ def process_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def console_handler() -> logging.Handler:
+    """Our progress lines on stdout, prefixed so they stand out from the libraries' output."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[qlora_recipes] %(message)s"))
+    return handler
+
+
 @contextmanager
 def run_logging(run_dir: Path):
     """Everything at the recipe's log level into run.log; the console gets our lines and library warnings.
@@ -47,8 +54,7 @@ def run_logging(run_dir: Path):
     rank = process_rank()
     file_handler = logging.FileHandler(run_dir / ("run.log" if rank == 0 else f"run.rank{rank}.log"))
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    ours = logging.StreamHandler(sys.stdout)
-    ours.setFormatter(logging.Formatter("[qlora_recipes] %(message)s"))
+    ours = console_handler()
     libraries = logging.StreamHandler(sys.stderr)
     libraries.setLevel(logging.WARNING)
     libraries.setFormatter(logging.Formatter("[%(name)s] %(levelname)s: %(message)s"))
@@ -114,7 +120,11 @@ def linear_module_names(model: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-def setup_model(resolved: Resolved, checkpoint: str, tokenizer: Any, new_token_ids: list[int]) -> Any:
+def setup_model(
+    resolved: Resolved, checkpoint: str, tokenizer: Any, new_token_ids: list[int], wrap_adapter: bool = True
+) -> Any:
+    """The base model, loaded and prepared as the recipe says, with its LoRA adapter unless wrap_adapter is
+    false (DPO: TRL wraps it, so that the reference is the base with the adapter disabled)."""
     recipe = resolved.recipe
     if recipe.backend is Backend.unsloth:
         return setup_unsloth_model(resolved, checkpoint, tokenizer, new_token_ids)
@@ -145,12 +155,17 @@ def setup_model(resolved: Resolved, checkpoint: str, tokenizer: Any, new_token_i
             gradient_checkpointing_kwargs={"use_reentrant": t.use_reentrant},
         )
     keep_cpu_4bit_differentiable(model)
-    if not recipe.lora.enabled:
+    if not recipe.lora.enabled or not wrap_adapter:
         return model
     from peft import get_peft_model
 
+    return get_peft_model(model, adapter_config(recipe, model, new_token_ids))
+
+
+def adapter_config(recipe: RecipeConfig, model: Any, new_token_ids: list[int]) -> Any:
+    """The peft LoraConfig for this loaded model (None for full fine-tuning)."""
     facts = plan.ModelFacts(model.config.num_hidden_layers, linear_module_names(model))
-    return get_peft_model(model, lora_config(plan.lora_kwargs(recipe, facts, new_token_ids)))
+    return lora_config(plan.lora_kwargs(recipe, facts, new_token_ids))
 
 
 def keep_cpu_4bit_differentiable(model: Any) -> None:
@@ -220,6 +235,17 @@ def head_is_wrapped(model: Any) -> bool:
     return head is not None and type(head) is not torch.nn.Linear
 
 
+def keep_float32_adapters(model: Any) -> None:
+    """TRL 1.16 casts the trainable weights of a quantized model to bf16 (the QLoRA paper's GPU setting)
+    whatever the precision. In a float32 run (CPU) that makes every LoRA matmul an emulated-bf16 one and
+    leaves AdamW updating bf16 weights with no float32 copy: cast them back (before the optimizer exists)."""
+    import torch
+
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.bfloat16:
+            param.data = param.data.float()
+
+
 def model_loss_trainer_class() -> type:
     """SFTTrainer that takes the loss from the model's own forward.
 
@@ -250,8 +276,12 @@ def model_loss_trainer_class() -> type:
 def setup_args(resolved: Resolved, run_dir: Path) -> Any:
     """SFTConfig, built before the model loads: creating it sets each process's GPU and, under ZeRO-3,
     registers the DeepSpeed config that makes from_pretrained partition the weights as they load."""
-    os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
-    args = sft_config(plan.sft_kwargs(resolved.recipe, run_dir, on_cpu=resolved.device.kind == "cpu"))
+    recipe = resolved.recipe
+    per_run, defaults = plan.logger_env(recipe, run_dir)
+    os.environ.update(per_run)
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)  # the user's own settings win
+    args = trainer_config(recipe, plan.trainer_kwargs(recipe, run_dir, on_cpu=resolved.device.kind == "cpu"))
     if resolved.recipe.dist.backend is DistBackend.single and args.n_gpu > 1:
         # transformers would wrap the model in nn.DataParallel over every visible GPU, which TRL refuses:
         # dist=single trains on the first visible GPU (dist=ddp uses them all)
@@ -265,20 +295,29 @@ def setup_args(resolved: Resolved, run_dir: Path) -> Any:
     return args
 
 
-def setup_trainer(args: Any, model: Any, tokenizer: Any, prepared: data_mod.Prepared) -> Any:
-    from trl import SFTTrainer
+def setup_trainer(args: Any, model: Any, tokenizer: Any, prepared: data_mod.Prepared, peft_config: Any = None) -> Any:
+    """TRL's SFTTrainer (or the model-loss variant), or DPOTrainer when given the adapter's peft_config:
+    with no ref_model and a peft model, DPO's reference log-probabilities come from the adapter disabled."""
+    from trl import DPOTrainer, SFTTrainer
 
     if prepared.eval is None and args.eval_strategy != "no":
         log.info("no eval split: evaluation during training is off")
         args.eval_strategy = "no"
-    trainer_class = model_loss_trainer_class() if head_is_wrapped(model) else SFTTrainer
-    trainer = trainer_class(
-        model=model,
-        args=args,
-        train_dataset=prepared.train,
-        eval_dataset=prepared.eval,
-        processing_class=tokenizer,
-    )
+    common = {
+        "model": model,
+        "args": args,
+        "train_dataset": prepared.train,
+        "eval_dataset": prepared.eval,
+        "processing_class": tokenizer,
+    }
+    if prepared.format is data_mod.DataFormat.preference:
+        trainer = DPOTrainer(ref_model=None, peft_config=peft_config, **common)
+    else:
+        trainer_class = model_loss_trainer_class() if head_is_wrapped(model) else SFTTrainer
+        trainer = trainer_class(**common)
+    model = trainer.model
+    if not (args.bf16 or args.fp16):
+        keep_float32_adapters(model)
     fsdp_plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
     if fsdp_plugin is not None and fsdp_plugin.fsdp_version == 2:
         # one FSDP2 unit per decoder block, its LoRA weights inside: one all-gather per block
@@ -318,7 +357,10 @@ class StepClock:
 
             def on_step_end(self, args, state, control, **kwargs):
                 tokens = getattr(clock.trainer, "_total_train_tokens", 0) - clock.tokens_before
-                clock.steps.append({"step": state.global_step, "seconds": now() - clock.started, "tokens": tokens})
+                end = now()  # perf_counter seconds: consecutive steps' ends give the wall time between them
+                clock.steps.append(
+                    {"step": state.global_step, "seconds": end - clock.started, "tokens": tokens, "end": end}
+                )
 
         return Clock()
 
@@ -419,7 +461,7 @@ class GracefulStop:
 
 @dataclass
 class TaskScore:
-    score: float
+    score: float | None
     samples: list[dict[str, str]]
 
 
@@ -457,13 +499,18 @@ def task_score(model: Any, tokenizer: Any, examples: list, recipe: RecipeConfig,
     if recipe.data.metric is TaskMetric.exact_match:
         hits = sum(s["answer"] == s["reference"].strip() for s in samples)
         return TaskScore(hits / max(len(samples), 1), samples)
-    raise RecipeError(f"data.metric={recipe.data.metric.value} has no scorer")
+    return TaskScore(None, samples)  # data.metric=none: the generations alone
 
 
-def eval_loss(trainer: Any) -> float | None:
+def evaluate(trainer: Any) -> dict[str, float]:
+    """The trainer's eval metrics without the "eval_" prefix ({} without an eval split): loss, and for DPO
+    rewards/margins and rewards/accuracies of the eval pairs."""
     if trainer.eval_dataset is None:
-        return None
-    return float(trainer.evaluate()["eval_loss"])
+        return {}
+    return {key.removeprefix("eval_"): value for key, value in trainer.evaluate().items()}
+
+
+PREFERENCE_KEYS = ("rewards/margins", "rewards/accuracies")
 
 
 # ---------------------------------------------------------------- save and report
@@ -491,13 +538,52 @@ def save(trainer: Any, tokenizer: Any, recipe: RecipeConfig, run_dir: Path) -> P
     return out
 
 
+WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def adapter_problems(out: Path, model: Any, resized: bool) -> list[str]:
+    """What a saved adapter lacks for a faithful reload: a LoRA tensor of any adapted layer, or (when the
+    template added tokens) the resized embedding. Gathers under FSDP/ZeRO-3 can drop both without an
+    error (docs/distributed.md), and a reload would then silently use the base or new random rows."""
+    from peft.tuners.lora import LoraLayer
+    from safetensors import safe_open
+
+    path = out / "adapter_model.safetensors"
+    if not path.is_file():
+        return [f"{path} was not written"]
+    with safe_open(str(path), "pt") as handle:
+        saved = set(handle.keys())
+    expected = set()
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for prefix in WRAPPER_PREFIXES:
+                name = name.replace(prefix, "")
+            name = name.removeprefix("module.")  # DDP's wrapper
+            expected |= {f"{name}.lora_A.weight", f"{name}.lora_B.weight"}
+    problems = []
+    if missing := sorted(expected - saved):
+        problems.append(f"{len(missing)} of {len(expected)} LoRA tensors are missing from {path} (e.g. {missing[0]})")
+    if resized and not any("embed_tokens" in key for key in saved):
+        problems.append(
+            f"the template added tokens but {path} holds no embedding: a reload would give the added tokens new "
+            "random rows"
+        )
+    return problems
+
+
 def train_metrics(trainer: Any, result: Any) -> dict[str, Any]:
     history = trainer.state.log_history
     losses = [h["loss"] for h in history if "loss" in h]
     # TRL's running count of real (unpadded) tokens, all ranks; the logged copies stop at the last log step
     tokens = getattr(trainer, "_total_train_tokens", max((h.get("num_tokens", 0) for h in history), default=0))
     runtime = result.metrics.get("train_runtime", 0.0)
+    preference = {  # DPO: the implicit reward of chosen minus rejected, and how often chosen wins
+        key: {"first": values[0], "last": values[-1]}
+        for key in PREFERENCE_KEYS
+        if (values := [h[key] for h in history if key in h and "loss" in h])
+    }
     return {
+        **({"preference": preference} if preference else {}),
         "train_loss": result.metrics.get("train_loss"),
         "first_logged_loss": losses[0] if losses else None,
         "last_logged_loss": losses[-1] if losses else None,
@@ -506,18 +592,18 @@ def train_metrics(trainer: Any, result: Any) -> dict[str, Any]:
         "tokens_per_s": tokens / runtime if runtime else None,
         "train_runtime_s": runtime,
         "loss_curve": [{"step": h["step"], "loss": h["loss"]} for h in history if "loss" in h],
+        "eval_curve": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
     }
 
 
-def write_samples(path: Path, before: TaskScore | None, after: TaskScore | None) -> None:
-    if after is None:
-        return
+def samples_table(before: TaskScore | None, after: TaskScore) -> str:
+    """Markdown: held-out prompt, reference answer, the base model's answer and the trained model's."""
     lines = ["| prompt | reference | before | after |", "|---|---|---|---|"]
     previous = before.samples if before else [{"answer": ""}] * len(after.samples)
     for b, a in zip(previous, after.samples, strict=True):
         cells = [a["prompt"], a["reference"], b["answer"], a["answer"]]
         lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |")
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def print_summary(metrics: dict[str, Any], run_dir: Path, saved: Path | None) -> None:
@@ -530,15 +616,25 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, saved: Path | None) ->
         f"== {metrics['recipe']} finished in {metrics['wall_time_s']:.0f} s ==",
         f"  eval loss      before {fmt(e.get('loss_before'))}  ->  after {fmt(e.get('loss_after'))}",
     ]
+    if e.get("preference_after"):
+        p = e["preference_after"]
+        lines.append(
+            f"  eval pairs     reward margin {fmt(p.get('rewards/margins'))}, chosen preferred "
+            f"{fmt(p.get('rewards/accuracies'), '.1%')} (before training: 0 and 0% by construction)"
+        )
     if e.get("task_before") is not None or e.get("task_after") is not None:
         lines.append(
             f"  {metrics['task_metric']:<14} before {fmt(e.get('task_before'), '.1%')}  ->  after {fmt(e.get('task_after'), '.1%')}"
         )
     lines += [
         f"  train loss     {fmt(t['first_logged_loss'])} (first log) -> {fmt(t['last_logged_loss'])} (last log), {t['steps']} steps",
-        f"  throughput     {fmt(t['tokens_per_s'], '.0f')} real tokens/s",
+        *(
+            f"  {key:<14} {fmt(v['first'])} (first log) -> {fmt(v['last'])} (last log)"
+            for key, v in t.get("preference", {}).items()
+        ),
+        f"  throughput     {fmt(t['tokens_per_s'] or None, '.0f')} real tokens/s",
         f"  {'saved':<14} {saved or 'nothing (trainer.save_final=false)'}",
-        f"  run dir        {run_dir}  (recipe.yaml, metrics.json, samples.md, tensorboard/, run.log)",
+        f"  run dir        {run_dir}  (recipe.yaml, metrics.json, loss.png, samples.md, tensorboard/, run.log)",
     ]
     print("\n".join(lines), flush=True)
 
@@ -570,20 +666,24 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
     prepared = data_mod.prepare(recipe, tokenizer)  # data errors surface before the weights load
     log.info("data: %s", json.dumps(prepared.stats))
     args = setup_args(resolved, run_dir)
-    model = setup_model(resolved, checkpoint, tokenizer, new_ids)
-    report = trainable_report(model)
+    dpo = recipe.trainer.kind is TrainerKind.dpo
+    model = setup_model(resolved, checkpoint, tokenizer, new_ids, wrap_adapter=not dpo)
+    peft_config = adapter_config(recipe, model, new_ids) if dpo else None
+    trainer = setup_trainer(args, model, tokenizer, prepared, peft_config)
+    report = trainable_report(trainer.model)
     log_trainable(report)
-    trainer = setup_trainer(args, model, tokenizer, prepared)
 
     main = process_rank() == 0  # evaluation runs on every rank; generation, files and summary on rank 0
     examples = data_mod.task_examples(prepared, recipe.data, recipe.trainer.task_eval_samples) if main else []
     if examples and plan.shards_parameters(recipe):
         log.info("task metric skipped: generating on one rank needs every shard (FSDP/ZeRO-3)")
         examples = []
-    loss_before = task_before = None
+    before: dict[str, float] = {}
+    task_before = None
     if recipe.trainer.eval_before_train and resume is None:
         log.info("evaluating the base model before training")
-        loss_before = eval_loss(trainer)
+        # DPO's eval loss before training is ln 2 by construction (policy == reference): not computed
+        before = {} if dpo else evaluate(trainer)
         task_before = task_score(trainer.model, tokenizer, examples, recipe) if examples else None
 
     trainer.add_callback(stop.callback())
@@ -600,12 +700,14 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
             f"{latest}. Continue with: python -m qlora_recipes train {run_dir} --resume",
         )
 
-    loss_after = eval_loss(trainer)
+    after = evaluate(trainer)
     task_after = task_score(trainer.model, tokenizer, examples, recipe) if examples else None
     saved = save(trainer, tokenizer, recipe, run_dir) if recipe.trainer.save_final else None
     if not main:
         return {"rank": process_rank(), "steps": trainer.state.global_step}
-    write_samples(run_dir / "samples.md", task_before, task_after)
+    problems = adapter_problems(saved, trainer.model, bool(new_ids)) if saved and recipe.lora.enabled else []
+    if task_after is not None:
+        (run_dir / "samples.md").write_text(samples_table(task_before, task_after))
     metrics = {
         "recipe": recipe.name,
         "run_dir": str(run_dir),
@@ -617,14 +719,22 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
         "total_params": report["total"],
         "data": prepared.stats,
         "eval": {
-            "loss_before": loss_before,
-            "loss_after": loss_after,
+            "loss_before": before.get("loss"),
+            "loss_after": after.get("loss"),
+            **({"preference_after": {k: after[k] for k in PREFERENCE_KEYS if k in after}} if dpo else {}),
             "task_before": task_before.score if task_before else None,
             "task_after": task_after.score if task_after else None,
         },
         "train": {**train_metrics(trainer, result), "step_times": clock.steps},
         "memory": peak_memory_gib(),
+        **({"saved_incomplete": problems} if problems else {}),
     }
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    plots.plot_run(metrics["train"], f"{recipe.name}: {run_dir.name}", run_dir / "loss.png")
     print_summary(metrics, run_dir, saved)
+    if problems:  # after metrics.json and the summary: the checkpoints and the run's record stay
+        raise RecipeError(
+            "the saved adapter is incomplete: " + "; ".join(problems) + ". The checkpoints in the run dir hold "
+            "the trained state; docs/distributed.md lists what is known about saving under FSDP/ZeRO-3"
+        )
     return metrics

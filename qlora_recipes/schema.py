@@ -60,7 +60,22 @@ class TemplateFormat(Enum):
 
 
 class TrainerKind(Enum):
-    sft = "sft"
+    sft = "sft"  # supervised fine-tuning (TRL SFTTrainer) on chats, text, alpaca or prompt/completion rows
+    dpo = "dpo"  # direct preference optimisation (TRL DPOTrainer) on prompt/chosen/rejected rows
+
+
+class DPOLoss(Enum):
+    sigmoid = "sigmoid"  # the DPO paper's loss
+    ipo = "ipo"  # identity preference optimisation: less prone to overfitting deterministic preferences
+    hinge = "hinge"  # SLiC's hinge loss
+    apo_zero = "apo_zero"  # anchored: pushes chosen up and rejected down in absolute terms
+
+
+class Logger(Enum):
+    tensorboard = "tensorboard"  # RUN_DIR/tensorboard, offline
+    wandb = "wandb"  # Weights & Biases (pip install wandb; WANDB_MODE=offline works without network)
+    mlflow = "mlflow"  # MLflow (pip install mlflow); RUN_DIR/mlruns unless MLFLOW_TRACKING_URI is set
+    none = "none"  # metrics.json and loss.png only
 
 
 class Precision(Enum):
@@ -109,6 +124,7 @@ class DataFormat(Enum):
     text = "text"  # one plain text field (data.text_field)
     alpaca = "alpaca"  # instruction / input / output
     prompt_completion = "prompt_completion"
+    preference = "preference"  # prompt / chosen / rejected (strings, or lists of {role, content}): trainer=dpo
 
 
 class TaskMetric(Enum):
@@ -238,6 +254,11 @@ class TrainerConfig:
     eval_before_train: bool = True  # eval loss of the untouched base, for the before/after summary
     task_eval_samples: int = 0  # held-out prompts scored with data.metric before and after
     max_new_tokens: int = 32
+    # DPO only
+    beta: float = 0.1  # how far the policy may move from the reference: lower = further
+    dpo_loss: DPOLoss = DPOLoss.sigmoid
+    max_prompt_len: Optional[int] = None  # DPO: pairs with a longer prompt (tokens) are dropped; None = no limit
+    max_completion_len: Optional[int] = None  # DPO: pairs with a longer chosen/rejected answer are dropped
     profile_steps: List[int] = field(default_factory=list)  # optimizer steps traced by torch.profiler (rank 0)
     save_final: bool = True  # write the adapter (or model) at the end; bench turns it off
 
@@ -280,7 +301,9 @@ class RecipeConfig:
     dry_run: bool = False  # write the run dir and print the plan, train nothing
     resume_from_checkpoint: Optional[str] = None  # a checkpoint dir, or "auto" = latest complete one of output_dir
     backend: Backend = Backend.hf
-    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+    logger: Logger = Logger.tensorboard  # where training metrics stream besides metrics.json and loss.png
+    logger_project: Optional[str] = None  # wandb project / mlflow experiment; default: the recipe name
+    sweep_gpus: List[int] = field(default_factory=list)  # parallel sweep jobs: each claims one of these GPUs
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

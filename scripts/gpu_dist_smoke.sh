@@ -2,7 +2,8 @@
 # 2-GPU smoke run of each multi-process backend on the tiny Llama through `run` (device tool, carry .whl).
 # Prints one line per backend: exit code, first/last logged loss, and whether the adapter reloads on one GPU.
 # DISTS="ddp fsdp zero3" picks backends; EXTRA="key=value ..." adds overrides; RESUME=1 also resumes each
-# run from its step-10 checkpoint under the same backend.
+# run from its step-10 checkpoint under the same backend; POST=1 then runs `eval`, `merge` (float32) and a one-shot
+# `chat` on GPU 0 alone and compares the merged model's logits with the adapter's over the same base.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
@@ -14,7 +15,7 @@ for dist in ${DISTS:-ddp fsdp zero3}; do
   rm -rf "$run"  # scratch dir of this smoke run (a warm machine keeps the last one)
   python3 -m qlora_recipes run +recipe=llama2_chatml model=tiny_llama data=demo_dates "dist=$dist" ${EXTRA:-} \
     trainer.batch_size=8 trainer.micro_batch_size=2 trainer.max_steps=20 trainer.save_steps=10 \
-    trainer.eval_strategy=no trainer.learning_rate=1e-3 data.max_eval_samples=16 'report_to=[]' \
+    trainer.eval_strategy=no trainer.learning_rate=1e-3 data.max_eval_samples=16 logger=none \
     "output_dir=$run" > "$OUT/$dist.log" 2>&1
   code=$?
   python3 - "$run" "$dist" "$code" <<'PY' 2>>"$OUT/$dist.log" | tee -a "$OUT/summary.txt"
@@ -37,6 +38,34 @@ except Exception as exc:
     print(f"{dist}: exit {code}, FAILED: {type(exc).__name__}: {exc}")
 PY
   tail -5 "$OUT/$dist.log" | cut -c1-300
+  if [ "$code" = 0 ] && [ -n "${POST:-}" ]; then  # the post-training commands on one GPU
+    export CUDA_VISIBLE_DEVICES=0
+    python3 -m qlora_recipes eval "$run" samples=4 >> "$OUT/$dist.log" 2>&1; e=$?
+    python3 -m qlora_recipes merge "$run" dtype=float32 >> "$OUT/$dist.log" 2>&1; g=$?
+    answer=$(python3 -m qlora_recipes chat "$run/merged" "prompt=Give May 5 2020 in ISO format." 2>>"$OUT/$dist.log" | tail -1)
+    python3 - "$run" "$dist" "$e" "$g" "$answer" <<'PY' 2>>"$OUT/$dist.log" | tee -a "$OUT/summary.txt"
+import json, sys, torch
+run, dist, e, g, answer = sys.argv[1:]
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+try:
+    ev = json.load(open(f"{run}/eval.json"))
+    tok = AutoTokenizer.from_pretrained(f"{run}/adapter")
+    base_path = json.load(open(f"{run}/adapter/adapter_config.json"))["base_model_name_or_path"]
+    base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32).cuda()
+    base.resize_token_embeddings(len(tok), pad_to_multiple_of=8, mean_resizing=False)
+    adapter = PeftModel.from_pretrained(base, f"{run}/adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(f"{run}/merged").cuda().eval()
+    batch = tok(["<|im_start|>user\nhi<|im_end|>\n"], return_tensors="pt").to("cuda")
+    with torch.no_grad():
+        diff = (adapter(**batch).logits - merged(**batch).logits).abs().max().item()
+    print(f"{dist}: eval exit {e}: loss {ev['before']['loss']:.4f} -> {ev['after']['loss']:.4f}; merge exit {g}: "
+          f"max |logit diff| merged vs adapter {diff:.2e}; chat answered {answer!r}")
+except Exception as exc:
+    print(f"{dist}: post-training FAILED (eval exit {e}, merge exit {g}): {type(exc).__name__}: {exc}")
+PY
+    unset CUDA_VISIBLE_DEVICES
+  fi
   if [ "$code" = 0 ] && [ -n "${RESUME:-}" ]; then  # resume under the same backend from checkpoint-10
     rm "$run/checkpoint-20/trainer_state.json"
     python3 -m qlora_recipes train "$run" --resume >> "$OUT/$dist.log" 2>&1

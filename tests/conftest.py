@@ -49,7 +49,7 @@ TINY_TRAIN = [
     "trainer.max_new_tokens=4",
     "data.max_train_samples=160",
     "data.max_eval_samples=16",
-    "report_to=[]",
+    "logger=none",
 ]
 
 

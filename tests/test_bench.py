@@ -1,5 +1,6 @@
 """`bench`: shapes, the FLOPs rule, synthetic data and tokenizer, and a two-variant run on the tiny shape."""
 
+import dataclasses
 import json
 
 import pytest
@@ -78,6 +79,13 @@ def test_measure_leaves_out_warmup_and_profiled_steps():
     assert m.tokens_per_s_per_gpu == 500  # median of 1000, 500, 3000 tokens/s, over 2 processes
     assert m.median_step_s == 1.0
     assert m.mfu == pytest.approx(4 * 10**9 * 500 / 1e15)
+    assert (m.min_step_s, m.max_step_s) == (1.0, 2.0)
+    # 3 measured steps, slowest 2x the fastest: the table warns on both counts
+    warning = bench.uneven(m)
+    assert "only 3 measured steps" in warning and "1.00 to 2.00 s (2.0x)" in warning
+    steady = dataclasses.replace(m, measured_steps=12, max_step_s=1.2)
+    assert bench.uneven(steady) is None
+    assert warning in bench.markdown([steady, m], {"recipe": "r", "shape": "tiny", "device": "cpu"})
 
 
 def test_bench_runs_each_variant_and_writes_the_table(tmp_path, capsys):

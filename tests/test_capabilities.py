@@ -18,7 +18,7 @@ SHORT = [
     "trainer.eval_before_train=false",
     "data.max_train_samples=64",
     "data.max_eval_samples=8",
-    "report_to=[]",
+    "logger=none",
 ]
 
 

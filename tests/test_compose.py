@@ -23,7 +23,7 @@ def test_every_recipe_composes_resolves_and_materializes(name, device, tmp_path)
     assert recipe.name == name and recipe.description
     if device.kind == "cpu":  # SFTConfig refuses bf16 without a GPU, so the full build runs for CPU only
         built = materialize(resolved, tmp_path)
-        assert built.sft.output_dir == str(tmp_path)
+        assert built.trainer.output_dir == str(tmp_path)
     quant = bnb_config(plan.bnb_kwargs(recipe))
     assert (quant is None) == (not (recipe.quant.load_in_4bit or recipe.quant.load_in_8bit))
     assert (lora_config(plan.lora_kwargs(recipe)) is None) == (not recipe.lora.enabled)

@@ -5,7 +5,7 @@ import pytest
 from qlora_recipes import data as data_mod
 from qlora_recipes.errors import DataError
 from qlora_recipes.runner import setup_tokenizer
-from qlora_recipes.schema import DataFormat
+from qlora_recipes.schema import DataFormat, TrainerKind
 
 TINY = ("model=tiny_llama", "template.add_tokens=false", "data.format=auto")
 CHAT = [{"role": "user", "content": "Give 5 May 2020 in ISO format."}, {"role": "assistant", "content": "2020-05-05"}]
@@ -41,7 +41,7 @@ def test_detect_format(recipe_of, columns, expected):
 
 def test_detect_format_errors(recipe_of):
     data = recipe_of("data.format=auto").recipe.data
-    with pytest.raises(DataError, match="preference data"):
+    with pytest.raises(DataError, match="preference data .* Use trainer=dpo"):
         data_mod.detect_format(["prompt", "chosen", "rejected"], data)
     with pytest.raises(DataError, match=r"columns \['foo'\]"):
         data_mod.detect_format(["foo"], data)
@@ -176,3 +176,52 @@ def test_demo_data_task_examples(setup):
     assert len(examples) == 5
     prompt, reference = examples[0]
     assert prompt[-1]["role"] == "user" and len(reference) == 10 and reference[4] == "-"
+
+
+def test_dpo_takes_preference_rows_only(recipe_of):
+    data = recipe_of("data.format=auto").recipe.data
+    assert data_mod.detect_format(["prompt", "chosen", "rejected"], data, TrainerKind.dpo) is DataFormat.preference
+    with pytest.raises(DataError, match="trainer=dpo needs preference rows.*SFT-shaped rows"):
+        data_mod.detect_format(["messages"], data, TrainerKind.dpo)
+    with pytest.raises(DataError, match="without a prompt column"):
+        data_mod.detect_format(["chosen", "rejected"], data, TrainerKind.dpo)
+
+
+def test_sft_data_set_with_dpo_fails_before_weights_load(setup):
+    recipe, tok = setup("trainer=dpo", "trainer.packing=false")  # demo_dates: messages rows
+    with pytest.raises(DataError, match="trainer=dpo needs preference rows"):
+        data_mod.prepare(recipe, tok)
+
+
+def test_preference_pairs_plain_and_conversational(setup, tmp_path):
+    plain = [{"prompt": "Give 5 May 2020 in ISO.", "chosen": "2020-05-05", "rejected": "2020-5-5"}] * 3
+    write_jsonl(tmp_path / "train.jsonl", plain)
+    recipe, tok = setup("data=demo_dates_pref", "trainer=dpo", f"data.name={tmp_path}", "data.splits=[train]")
+    prepared = data_mod.prepare(recipe, tok)
+    assert prepared.format is DataFormat.preference and len(prepared.train) == 3
+    assert prepared.stats["train"] == {"pairs": 3, "dropped_too_long": 0, "conversational": False}
+
+    recipe, tok = setup("+recipe=smollm2_dpo", "model=tiny_llama", "trainer.max_completion_len=10")
+    prepared = data_mod.prepare(recipe, tok)  # the bundled set: conversational, dates kept as strings
+    stats = prepared.stats["train"]
+    assert stats["conversational"] and stats["dropped_too_long"] > 0 and stats["pairs"] > 0
+    assert all(isinstance(row["chosen"][0]["content"], str) for row in prepared.train)
+    examples = data_mod.task_examples(prepared, recipe.data, 2)
+    assert examples[0][0][-1]["role"] == "user" and examples[0][1] == prepared.raw_eval[0]["chosen"][0]["content"]
+
+
+def test_mixed_preference_row_shapes_are_rejected(setup, tmp_path):
+    rows = [
+        {"prompt": "a", "chosen": "b", "rejected": "c"},
+        {"prompt": [{"role": "user", "content": "a"}], "chosen": "b", "rejected": "c"},
+    ]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    recipe, tok = setup("trainer=dpo", "data.format=preference", f"data.name={tmp_path}", "data.splits=[train]")
+    with pytest.raises(DataError, match="row 1"):
+        data_mod.prepare(recipe, tok)
+
+
+def test_json_strings_that_look_like_dates_stay_strings(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "assistant", "content": "2049-08-04"}]}] * 2)
+    loaded = data_mod._load_file(path, disable_cache=True)
+    assert loaded[0]["messages"][0]["content"] == "2049-08-04"

@@ -16,6 +16,6 @@ def test_qlora_trains_on_gpu(train_run, quant):
 
 
 def test_added_chatml_tokens_train_on_gpu(train_run):
-    base = ["+recipe=llama2_chatml", "model=tiny_llama", "data=demo_dates", "data.max_eval_samples=8", "report_to=[]"]
+    base = ["+recipe=llama2_chatml", "model=tiny_llama", "data=demo_dates", "data.max_eval_samples=8", "logger=none"]
     _, metrics = train_run("trainer.max_steps=6", base=base)
     assert metrics["train"]["steps"] == 6

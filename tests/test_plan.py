@@ -182,6 +182,15 @@ def test_sft_kwargs_exact(recipe_of):
     }
 
 
+def test_dpo_kwargs_add_beta_and_loss_to_the_shared_training_arguments(recipe_of):
+    recipe = recipe_of("+recipe=smollm2_dpo", "trainer.beta=0.2", "trainer.dpo_loss=ipo").recipe
+    kwargs = plan.trainer_kwargs(recipe, "/tmp/run")
+    assert kwargs == {**plan.training_kwargs(recipe, "/tmp/run"), "beta": 0.2, "loss_type": ["ipo"]}
+    assert "packing" not in kwargs and "dataset_text_field" not in kwargs
+    sft = recipe_of().recipe
+    assert plan.trainer_kwargs(sft, "/tmp/run") == plan.sft_kwargs(sft, "/tmp/run")
+
+
 @pytest.mark.parametrize(
     "device, precision, mixed",
     [(Device(), "fp32", "no"), (GPU, "bf16", "bf16"), (OLD_GPU, "fp16", "fp16")],

@@ -13,7 +13,7 @@ TINY = [
     "trainer.max_steps=2",
     "trainer.task_eval_samples=0",
     "trainer.eval_before_train=false",
-    "report_to=[]",
+    "logger=none",
 ]
 
 

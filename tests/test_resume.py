@@ -28,7 +28,7 @@ RUN = [
     "trainer.eval_before_train=false",
     "trainer.eval_strategy=no",
     "data.max_train_samples=400",
-    "report_to=[]",
+    "logger=none",
     "seed=7",
 ]
 

@@ -71,7 +71,7 @@ def golden(tmp_path_factory):
     resolved = resolve(cfg, Device())
     built = materialize(resolved, tmp_path_factory.mktemp("golden"))
     objects = {
-        "sft": built.sft,
+        "sft": built.trainer,
         "lora": built.lora,
         "bnb": built.model_kwargs["quantization_config"],
         "model": built.model_kwargs,

@@ -5,7 +5,7 @@ import torch
 
 from qlora_recipes import cli, rundir
 
-TINY_RUN = ["lora.r=16", "trainer.max_steps=60", "trainer.save_steps=30", "report_to=[tensorboard]"]
+TINY_RUN = ["lora.r=16", "trainer.max_steps=60", "trainer.save_steps=30", "logger=tensorboard"]
 
 
 def logits(model, tokenizer):
@@ -28,6 +28,7 @@ def test_sft_run_learns_saves_and_reloads(train_run, tiny_checkpoint, quant):
     assert rundir.read(run_dir).recipe.quant.load_in_4bit == (quant == "nf4")
     assert list((run_dir / "tensorboard").rglob("events.out.tfevents.*"))
     assert (run_dir / "samples.md").read_text().count("\n") == 2 + 4
+    assert (run_dir / "loss.png").read_bytes().startswith(b"\x89PNG")  # the train loss curve
     assert rundir.latest_checkpoint(run_dir).name == "checkpoint-60"
 
     adapter = run_dir / "adapter"

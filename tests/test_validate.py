@@ -28,6 +28,13 @@ GPU = Device(kind="cuda", count=1, bf16=True)
         (("resume_from_checkpoint=auto",), None, "output_dir"),
         (("data.test_fraction=1.5",), None, "test_fraction"),
         (("trainer.max_steps=0",), None, "max_steps=0"),
+        (("trainer=dpo",), None, "data.format=messages"),  # the SFT demo data set with DPO
+        (("data=demo_dates_pref",), None, "preference pairs train with trainer=dpo"),
+        (("+recipe=smollm2_dpo", "lora=none", "quant=none"), None, "second full copy"),
+        (("+recipe=smollm2_dpo", "trainer.packing=true"), None, "not packed"),
+        (("+recipe=smollm2_dpo", "template.add_tokens=true"), None, "lm_head.weight"),
+        (("+recipe=smollm2_dpo", "trainer.beta=0"), None, "trainer.beta=0"),
+        (("+recipe=smollm2_dpo", "trainer.max_prompt_len=0"), None, "trainer.max_prompt_len=0"),
     ],
 )
 def test_rule_violations_explain_the_fix(recipe_of, overrides, device, message):
