@@ -142,8 +142,8 @@ def training_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool =
 
 def logger_env(recipe: RecipeConfig, run_dir: str | Path) -> tuple[dict[str, str], dict[str, str]]:
     """(set for this run, defaults the user's environment may override) for the chosen logger. TensorBoard
-    writes in the run dir; MLflow to a local store runs/mlruns (no server, no network); wandb gets the
-    project and keeps its local files in the run dir."""
+    writes in the run dir; MLflow to a local SQLite store runs/mlflow.db (no server, no network); wandb
+    gets the project and keeps its local files in the run dir."""
     project = recipe.logger_project or recipe.name
     per_run = {"TENSORBOARD_LOGGING_DIR": str(Path(run_dir) / "tensorboard")}
     defaults: dict[str, str] = {}
@@ -151,7 +151,9 @@ def logger_env(recipe: RecipeConfig, run_dir: str | Path) -> tuple[dict[str, str
         per_run["WANDB_DIR"] = str(run_dir)
         defaults["WANDB_PROJECT"] = project
     if recipe.logger is Logger.mlflow:
-        defaults |= {"MLFLOW_EXPERIMENT_NAME": project, "MLFLOW_TRACKING_URI": f"file:{Path('runs/mlruns').resolve()}"}
+        # a local SQLite store (recent MLflow refuses its old ./mlruns file store unless told otherwise)
+        store = Path("runs/mlflow.db").resolve()
+        defaults |= {"MLFLOW_EXPERIMENT_NAME": project, "MLFLOW_TRACKING_URI": f"sqlite:///{store}"}
     return per_run, defaults
 
 

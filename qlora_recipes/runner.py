@@ -281,6 +281,9 @@ def setup_args(resolved: Resolved, run_dir: Path) -> Any:
     os.environ.update(per_run)
     for key, value in defaults.items():
         os.environ.setdefault(key, value)  # the user's own settings win
+    store = defaults.get("MLFLOW_TRACKING_URI")
+    if store and os.environ["MLFLOW_TRACKING_URI"] == store:  # our local SQLite store: its folder must exist
+        Path(store.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     args = trainer_config(recipe, plan.trainer_kwargs(recipe, run_dir, on_cpu=resolved.device.kind == "cpu"))
     if resolved.recipe.dist.backend is DistBackend.single and args.n_gpu > 1:
         # transformers would wrap the model in nn.DataParallel over every visible GPU, which TRL refuses:

@@ -137,7 +137,7 @@ def test_logger_choice(recipe_of, monkeypatch, logger, report_to, per_run_keys, 
     per_run, defaults = plan.logger_env(recipe, "/tmp/run")
     assert set(per_run) == per_run_keys and set(defaults) == default_keys
     assert defaults.get("WANDB_PROJECT", "dates") == defaults.get("MLFLOW_EXPERIMENT_NAME", "dates") == "dates"
-    assert defaults.get("MLFLOW_TRACKING_URI", "file:").startswith("file:")  # a local store: no server
+    assert defaults.get("MLFLOW_TRACKING_URI", "sqlite:///").startswith("sqlite:///")  # a local store: no server
 
 
 @pytest.mark.parametrize("logger", ["wandb", "mlflow"])
