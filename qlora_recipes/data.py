@@ -80,10 +80,12 @@ def _load_file(path: Path, disable_cache: bool) -> Any:
     if builder == "json" and has_dates(loaded.features):
         # pyarrow's JSON reader turns strings that look like dates ("2049-08-04") into timestamps, which
         # would change the text the model sees: rebuild the table from the JSON as written
-        log.info("%s: strings that look like dates are kept as written (pyarrow read them as timestamps)", path)
         text = path.read_text(encoding="utf-8")
         rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" else None
-        loaded = datasets.Dataset.from_list(rows if rows is not None else json.loads(text))
+        rows = rows if rows is not None else json.loads(text)
+        if isinstance(rows, list):  # a .json object of columns keeps datasets' reading
+            log.info("%s: strings that look like dates are kept as written (pyarrow read them as timestamps)", path)
+            loaded = datasets.Dataset.from_list(rows)
     return loaded
 
 

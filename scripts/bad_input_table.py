@@ -57,6 +57,15 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("resume=auto without output_dir", ["run", "resume_from_checkpoint=auto"]),
         ("resume with no checkpoint", ["run", *TINY, f"output_dir={tmp}/done", "resume_from_checkpoint=auto"]),
         ("not a run dir", ["train", f"{tmp}/nowhere"]),
+        ("SFT data for DPO", ["run", *TINY, "trainer=dpo", f"output_dir={tmp}/r6"]),
+        ("DPO without LoRA", ["validate", "+recipe=smollm2_dpo", "lora=none", "quant=none"]),
+        ("logger package missing", ["validate", "logger=mlflow"]),
+        (
+            "sweep GPUs with several processes",
+            ["validate", "sweep_gpus=[0,1]", "dist=ddp", "dist.num_processes=2", "trainer.batch_size=16"],
+        ),
+        ("eval of an unfinished run", ["eval", f"{tmp}/r6"]),
+        ("post-training option unknown", ["merge", f"{tmp}/r6", "output=x"]),
     ]
 
 
