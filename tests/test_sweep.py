@@ -180,3 +180,36 @@ def test_parallel_joblib_jobs_each_hold_their_own_gpu(tmp_path):
 def test_sweep_gpus_needs_one_process_per_job(recipe_of):
     with pytest.raises(RecipeError, match="a pinned sweep job sees one GPU"):
         recipe_of("sweep_gpus=[0,1]", "dist=ddp", "dist.num_processes=2", "trainer.batch_size=8")
+
+
+def test_submitit_local_executor_runs_each_job_in_its_own_process(tmp_path):
+    """The SLURM path's launcher (hydra-submitit-launcher), run through submitit's local executor."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep_dir = tmp_path / "submitit"
+    result = cli(
+        "run", "--multirun", *SHORT, "lora.r=4,8", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep_dir}"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Submitit 'local' sweep output dir" in result.stdout + result.stderr
+    rows = list(csv.DictReader((sweep_dir / "sweep_summary.csv").open()))
+    assert sorted(r["overrides"] for r in rows) == ["lora.r=4", "lora.r=8"] and all(r["status"] == "ok" for r in rows)
+    job_logs = list((sweep_dir / ".submitit").glob("*/*_log.out"))
+    assert len(job_logs) == 2  # submitit started one process per job and kept its log
+
+
+def test_the_shipped_slurm_config_targets_submitit_slurm():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qlora_recipes.compose import conf_dir, register
+
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("config", overrides=["+cluster=slurm", "hydra.launcher.partition=gpu"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.partition) == (1, 1, "gpu")
+    assert launcher.gpus_per_node == 8 and launcher.timeout_min == 1440
