@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import shlex
 import subprocess
 import sys
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -227,22 +225,6 @@ def post_options(verb: str, pairs: list[str]) -> dict[str, Any]:
     return options
 
 
-@contextmanager
-def post_logging():
-    """Our progress lines on stdout while eval/merge/chat run (training has its own run.log setup)."""
-    from qlora_recipes.runner import console_handler
-
-    log = logging.getLogger("qlora_recipes")
-    handler = console_handler()
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    try:
-        yield
-    finally:
-        log.removeHandler(handler)
-
-
 def cmd_post(verb: str, path: Path, pairs: list[str]) -> None:
     from qlora_recipes import posttrain
 
@@ -322,7 +304,9 @@ def main(argv: list[str] | None = None) -> int:
 
             run_bench(args.overrides)
         elif args.verb in POST_OPTIONS:
-            with post_logging():
+            from qlora_recipes.runner import console_handler, handlers_attached, log
+
+            with handlers_attached([(log, console_handler())]):  # our progress lines on stdout
                 cmd_post(args.verb, args.run_dir, args.options)
         elif args.verb == "train":
             cmd_train(args.run_dir, args.resume)

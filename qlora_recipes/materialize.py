@@ -13,6 +13,7 @@ from typing import Any
 from qlora_recipes import plan
 from qlora_recipes.errors import RecipeError
 from qlora_recipes.resolve import Resolved
+from qlora_recipes.schema import RecipeConfig, TrainerKind
 
 
 def torch_dtype(name: str) -> Any:
@@ -44,11 +45,11 @@ def lora_config(kwargs: dict[str, Any] | None) -> Any:
         raise RecipeError(f"lora settings rejected by peft: {exc}") from None
 
 
-def trainer_config(recipe: Any, kwargs: dict[str, Any]) -> Any:
+def trainer_config(recipe: RecipeConfig, kwargs: dict[str, Any]) -> Any:
     """SFTConfig or DPOConfig, as the recipe's trainer.kind says."""
     from trl import DPOConfig, SFTConfig
 
-    config_class = DPOConfig if recipe.trainer.kind.value == "dpo" else SFTConfig
+    config_class = DPOConfig if recipe.trainer.kind is TrainerKind.dpo else SFTConfig
     try:
         return config_class(**kwargs)
     except ValueError as exc:

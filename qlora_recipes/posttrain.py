@@ -1,7 +1,8 @@
 """After training: `eval`, `merge` and `chat` on a finished run dir (recipe.yaml + adapter/ or model/).
 
-The trained weights are loaded on one device whatever backend trained them: FSDP and ZeRO-3 runs save a
-gathered, ordinary PEFT adapter (runner.save), so the same loader serves every run.
+The trained weights are loaded on one device whatever backend trained them, from the ordinary PEFT adapter
+runner.save writes. An adapter that lacks tensors is refused (adapters saved under FSDP v1 and ZeRO-3 were
+found incomplete on GPUs: docs/distributed.md).
 - eval   eval loss and perplexity (SFT) or the preference metrics (DPO) on the test split, and base vs
          trained answers to held-out prompts with the data set's task metric: eval.md and eval.json.
 - merge  base + adapter -> one bf16 safetensors model with the tokenizer, chat template and the run's
@@ -27,6 +28,7 @@ from qlora_recipes import data as data_mod
 from qlora_recipes import models, plan, rundir
 from qlora_recipes.errors import RecipeError
 from qlora_recipes.materialize import from_pretrained_kwargs, torch_dtype, trainer_config
+from qlora_recipes.resolve import Resolved
 from qlora_recipes.schema import RecipeConfig, TrainerKind
 
 log = logging.getLogger("qlora_recipes")
@@ -36,10 +38,14 @@ MERGE_INFO = "merge_info.json"
 
 @dataclass
 class Trained:
-    recipe: RecipeConfig
+    resolved: Resolved  # the run's recipe.yaml, read once
     model: Any  # a PeftModel over the base, or the fully fine-tuned model
     tokenizer: Any
     source: Path  # the run's adapter/ or model/ dir
+
+    @property
+    def recipe(self) -> RecipeConfig:
+        return self.resolved.recipe
 
     @property
     def is_adapter(self) -> bool:
@@ -62,9 +68,8 @@ def device_map() -> dict[str, int] | None:
     return {"": 0} if torch.cuda.is_available() else None
 
 
-def load_kwargs(run_dir: Path, quantized: bool, dtype: str | None = None) -> dict[str, Any]:
+def load_kwargs(resolved: Resolved, quantized: bool, dtype: str | None = None) -> dict[str, Any]:
     """from_pretrained keywords for one device: the recipe's dtype, attention and (if asked) quantization."""
-    resolved = rundir.read(run_dir)
     kwargs = from_pretrained_kwargs(resolved)
     kwargs.pop("device_map", None)
     if not quantized:
@@ -85,10 +90,11 @@ def load_trained(run_dir: Path, quantized: bool = True, dtype: str | None = None
     from qlora_recipes import runner
 
     run_dir = run_dir.resolve()
-    recipe = rundir.read(run_dir).recipe
+    resolved = rundir.read(run_dir)
+    recipe = resolved.recipe
     source = trained_dir(run_dir)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    kwargs = load_kwargs(run_dir, quantized, dtype)
+    kwargs = load_kwargs(resolved, quantized, dtype)
     if source.name == "model":
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     else:
@@ -108,11 +114,11 @@ def load_trained(run_dir: Path, quantized: bool = True, dtype: str | None = None
             )
     runner.keep_cpu_4bit_differentiable(model)  # the 4-bit CPU kernel training used: the same numbers
     model.eval()
-    return Trained(recipe, model, tokenizer, source)
+    return Trained(resolved, model, tokenizer, source)
 
 
 @contextmanager
-def base_of(trained: Trained, run_dir: Path) -> Iterator[Any]:
+def base_of(trained: Trained) -> Iterator[Any]:
     """The untrained model: the adapter switched off, or (full fine-tuning) the base loaded beside it."""
     if trained.is_adapter:
         with trained.model.disable_adapter():
@@ -121,7 +127,7 @@ def base_of(trained: Trained, run_dir: Path) -> Iterator[Any]:
     from transformers import AutoModelForCausalLM
 
     checkpoint = models.checkpoint_dir(trained.recipe.model)
-    base = AutoModelForCausalLM.from_pretrained(checkpoint, **load_kwargs(run_dir, quantized=True))
+    base = AutoModelForCausalLM.from_pretrained(checkpoint, **load_kwargs(trained.resolved, quantized=True))
     yield fit_embeddings(base, trained.tokenizer).eval()
 
 
@@ -151,13 +157,13 @@ def evaluate_run(run_dir: Path, samples: int | None = None) -> dict[str, Any]:
     after = eval_metrics(trained.model, trained.tokenizer, prepared, recipe)
     before = {}
     if not dpo:  # DPO's loss of the base is ln 2 by construction: the policy is the reference
-        with base_of(trained, run_dir) as base:
+        with base_of(trained) as base:
             before = eval_metrics(base, trained.tokenizer, prepared, recipe)
     count = samples if samples is not None else (recipe.trainer.task_eval_samples or 8)
     examples = data_mod.task_examples(prepared, recipe.data, count)
     task_before = task_after = None
     if examples:
-        with base_of(trained, run_dir) as base:
+        with base_of(trained) as base:
             task_before = runner.task_score(base, trained.tokenizer, examples, recipe)
         task_after = runner.task_score(trained.model, trained.tokenizer, examples, recipe)
     result = {
@@ -250,16 +256,16 @@ def merge(run_dir: Path, out: Path | None = None, dtype: str = "bfloat16") -> Pa
     out = (out or run_dir / "merged").resolve()
     if out.exists() and any(out.iterdir()):
         raise RecipeError(f"{out} exists and is not empty; merged models are never overwritten: pass out=NEW_DIR")
-    recipe = rundir.read(run_dir).recipe
     if trained_dir(run_dir).name != "adapter":
         raise RecipeError(f"{run_dir} trained the full model (lora=none): {run_dir / 'model'} is already merged")
+    trained = load_trained(run_dir, quantized=False, dtype=dtype)
+    recipe = trained.recipe
     quantized = recipe.quant.load_in_4bit or recipe.quant.load_in_8bit
     if quantized:
         bits = 4 if recipe.quant.load_in_4bit else 8
         log.info("the run trained on a %d-bit base; merging into the base reloaded unquantized in %s", bits, dtype)
-    trained = load_trained(run_dir, quantized=False, dtype=dtype)
     merged = trained.model.merge_and_unload()
-    merged.generation_config = generation_config(trained.recipe, trained.tokenizer, merged.generation_config)
+    merged.generation_config = generation_config(recipe, trained.tokenizer, merged.generation_config)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out, safe_serialization=True)
     trained.tokenizer.save_pretrained(out)
@@ -316,10 +322,8 @@ def load_chat_model(path: Path) -> ChatModel:
     raise RecipeError(f"{path} is neither a run dir (recipe.yaml) nor a model dir (config.json)")
 
 
-def reply(
-    chat: ChatModel, messages: list[dict[str, str]], max_new_tokens: int | None = None, stream: bool = True
-) -> str:
-    """Generate the assistant's next turn (printed as it is produced when stream is true)."""
+def reply(chat: ChatModel, messages: list[dict[str, str]], max_new_tokens: int | None = None) -> str:
+    """Generate the assistant's next turn, printed to stdout as it is produced."""
     import torch
     from transformers import TextStreamer
 
@@ -328,7 +332,7 @@ def reply(
     text = chat.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     enc = chat.tokenizer(text, return_tensors="pt", add_special_tokens=chat.add_special_tokens)
     enc = enc.to(next(chat.model.parameters()).device)
-    streamer = TextStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True) if stream else None
+    streamer = TextStreamer(chat.tokenizer, skip_prompt=True, skip_special_tokens=True)
     extra = {"max_new_tokens": max_new_tokens} if max_new_tokens else {}
     with torch.no_grad():
         out = chat.model.generate(**enc, generation_config=chat.generation, streamer=streamer, **extra)

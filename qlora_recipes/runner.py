@@ -46,9 +46,23 @@ def console_handler() -> logging.Handler:
 
 
 @contextmanager
+def handlers_attached(attached: list[tuple[logging.Logger, logging.Handler]]):
+    """Attach (logger, handler) pairs, with our logger at INFO and kept out of the root logger, and
+    detach them afterwards, so runs in one process (sweeps, tests, eval after train) never share output."""
+    for logger, handler in attached:
+        logger.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    try:
+        yield
+    finally:
+        for logger, handler in attached:
+            logger.removeHandler(handler)
+
+
+@contextmanager
 def run_logging(run_dir: Path):
-    """Everything at the recipe's log level into run.log; the console gets our lines and library warnings.
-    The handlers are removed afterwards, so runs in one process (sweeps, tests) never share a log."""
+    """Everything at the recipe's log level into run.log; the console gets our lines and library warnings."""
     import transformers
 
     rank = process_rank()
@@ -66,15 +80,10 @@ def run_logging(run_dir: Path):
         for handler in (file_handler, *console)
     ]
     attached += [(log, file_handler)] + ([(log, ours)] if rank == 0 else [])
-    for logger, handler in attached:
-        logger.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
     try:
-        yield
+        with handlers_attached(attached):
+            yield
     finally:
-        for logger, handler in attached:
-            logger.removeHandler(handler)
         file_handler.close()
 
 
@@ -274,7 +283,7 @@ def model_loss_trainer_class() -> type:
 
 
 def setup_args(resolved: Resolved, run_dir: Path) -> Any:
-    """SFTConfig, built before the model loads: creating it sets each process's GPU and, under ZeRO-3,
+    """SFTConfig or DPOConfig, built before the model loads: creating it sets each process's GPU and, under ZeRO-3,
     registers the DeepSpeed config that makes from_pretrained partition the weights as they load."""
     recipe = resolved.recipe
     per_run, defaults = plan.logger_env(recipe, run_dir)

@@ -74,7 +74,7 @@ class DPOLoss(Enum):
 class Logger(Enum):
     tensorboard = "tensorboard"  # RUN_DIR/tensorboard, offline
     wandb = "wandb"  # Weights & Biases (pip install wandb; WANDB_MODE=offline works without network)
-    mlflow = "mlflow"  # MLflow (pip install mlflow); RUN_DIR/mlruns unless MLFLOW_TRACKING_URI is set
+    mlflow = "mlflow"  # MLflow (pip install mlflow); SQLite store runs/mlflow.db unless MLFLOW_TRACKING_URI is set
     none = "none"  # metrics.json and loss.png only
 
 
