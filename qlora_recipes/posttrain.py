@@ -1,8 +1,8 @@
 """After training: `eval`, `merge` and `chat` on a finished run dir (recipe.yaml + adapter/ or model/).
 
 The trained weights are loaded on one device whatever backend trained them, from the ordinary PEFT adapter
-runner.save writes. An adapter that lacks tensors is refused (adapters saved under FSDP v1 and ZeRO-3 were
-found incomplete on GPUs: docs/distributed.md).
+runner.save writes (gathered to one file under FSDP/ZeRO-3). An adapter that lacks tensors is refused (as
+FSDP v1 and ZeRO-3 adapters saved before 2026-11-28 were: docs/distributed.md).
 - eval   eval loss and perplexity (SFT) or the preference metrics (DPO) on the test split, and base vs
          trained answers to held-out prompts with the data set's task metric: eval.md and eval.json.
 - merge  base + adapter -> one bf16 safetensors model with the tokenizer, chat template and the run's

@@ -240,6 +240,17 @@ def validate(resolved: Resolved) -> None:
             f"logger={logger} but the {logger} package is not installed: pip install {logger}, or use "
             "logger=tensorboard (the default, offline) or logger=none",
         )
+    if t.liger:
+        need(
+            device.kind == "cuda" and t.kind is TrainerKind.sft,
+            "trainer.liger=true: Liger's kernels are Triton GPU kernels, used here for SFT on CUDA only. "
+            "Set trainer.liger=false",
+        )
+        need(
+            importlib.util.find_spec("liger_kernel") is not None,
+            "trainer.liger=true but the liger-kernel package is not installed: pip install liger-kernel, or set "
+            "trainer.liger=false",
+        )
     need(
         r.model.attn_implementation is not Attention.flash_attention_2 or device.flash_attn,
         "model.attn_implementation=flash_attention_2 but flash-attn is not installed (or no GPU): "
@@ -273,7 +284,7 @@ def validate(resolved: Resolved) -> None:
         not (fsdp1 and tpl.add_tokens and lora.enabled and lora.train_new_tokens),
         "dist=fsdp with dist.fsdp_version=1 and trainable new-token rows: FSDP v1 (use_orig_params=false) cannot "
         "flatten the trainable rows with the frozen embedding they live in (measured on 2 GPUs, docs/gpu.md). "
-        "Use dist.fsdp_version=2, set lora.train_new_tokens=false (the rows keep their initial values, as in the "
+        "Use dist.fsdp_version=2 (models with untied embeddings), set lora.train_new_tokens=false (the rows keep their initial values, as in the "
         "original), use a template without new tokens (template=tokenizer), or dist=zero3",
     )
 

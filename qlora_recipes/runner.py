@@ -139,6 +139,7 @@ def setup_model(
         return setup_unsloth_model(resolved, checkpoint, tokenizer, new_token_ids)
     from transformers import AutoModelForCausalLM
 
+    refuse_fsdp2_tied_new_rows(recipe, checkpoint, new_token_ids)
     kwargs = from_pretrained_kwargs(resolved)
     log.info("loading %s (%s)", checkpoint, ", ".join(f"{k}={v}" for k, v in plan.model_kwargs(recipe).items()))
     try:
@@ -169,6 +170,27 @@ def setup_model(
     from peft import get_peft_model
 
     return get_peft_model(model, adapter_config(recipe, model, new_token_ids))
+
+
+def refuse_fsdp2_tied_new_rows(recipe: RecipeConfig, checkpoint: str, new_token_ids: list[int]) -> None:
+    """FSDP2 with trainable new-token rows on a model whose input and output embeddings are one tensor fails
+    inside accelerate's sharding of the embedding (`fully_shard`: "Invariant encountered"; seen on an H200 with
+    accelerate 1.15 and torch 2.11, docs/distributed.md): said before the weights load, with the ways out."""
+    dist = recipe.dist
+    if not (dist.backend is DistBackend.fsdp and dist.fsdp_version == 2 and new_token_ids):
+        return
+    if not (recipe.lora.enabled and recipe.lora.train_new_tokens):
+        return
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=recipe.model.trust_remote_code)
+    if getattr(config, "tie_word_embeddings", False):
+        raise RecipeError(
+            "dist=fsdp with dist.fsdp_version=2 cannot train the template's new-token rows of a model with tied "
+            f"input/output embeddings ({checkpoint}): accelerate's FSDP2 sharding of the embedding fails once PEFT "
+            "wraps both ends. Set lora.train_new_tokens=false (the rows keep their initial values, as in the "
+            "original), use a template without new tokens (template=tokenizer), or dist=zero3"
+        )
 
 
 def adapter_config(recipe: RecipeConfig, model: Any, new_token_ids: list[int]) -> Any:
@@ -539,12 +561,18 @@ def peak_memory_gib() -> dict[str, float]:
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def save(trainer: Any, tokenizer: Any, recipe: RecipeConfig, run_dir: Path) -> Path:
-    """The adapter (PeftModel.from_pretrained loads it) or full model, with the tokenizer and chat template."""
+def save(trainer: Any, tokenizer: Any, recipe: RecipeConfig, run_dir: Path, resized: bool) -> Path:
+    """The adapter (PeftModel.from_pretrained loads it on one device) or full model, with the tokenizer and chat
+    template. `resized`: the template added tokens, so the adapter must carry the grown embedding."""
     out = run_dir / ("adapter" if recipe.lora.enabled else "model")
-    if trainer.is_fsdp_enabled:  # gather the shards into one ordinary state dict, as the original did
-        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
-    trainer.save_model(str(out))  # the main process writes; the others wait
+    if recipe.lora.enabled and plan.shards_parameters(recipe):
+        state = gathered_adapter_state(trainer, resized)  # every rank takes part; rank 0 holds the result
+        if trainer.args.should_save:
+            save_adapter(trainer.accelerator.unwrap_model(trainer.model), state, out, resized)
+    else:
+        if trainer.is_fsdp_enabled:  # full fine-tuning: gather the shards into one ordinary state dict
+            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+        trainer.save_model(str(out))  # the main process writes; the others wait
     if trainer.args.should_save:
         tokenizer.save_pretrained(str(out))
     return out
@@ -553,10 +581,69 @@ def save(trainer: Any, tokenizer: Any, recipe: RecipeConfig, run_dir: Path) -> P
 WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
+def clean_name(name: str) -> str:
+    """A parameter's name without the FSDP/checkpointing/compile wrappers' prefixes (as PEFT names it)."""
+    for prefix in WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def gathered_adapter_state(trainer: Any, resized: bool) -> dict[str, Any]:
+    """The whole tensors an adapter of a sharded model needs, on rank 0 (empty elsewhere): the trainable
+    parameters and, when the template added tokens, the grown input/output embeddings (frozen, but a reload
+    must get the same new rows). Every rank must call this: the gathers are collective.
+
+    Trainer.save_model lost them (docs/distributed.md): under ZeRO-3 it gathers the trainable parameters only,
+    so the resized embedding was never written; under FSDP v1 PEFT dropped every LoRA tensor (save_adapter)."""
+    peft_model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_deepspeed_enabled:
+        import deepspeed
+
+        state = trainer.model_wrapped._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=True) or {}
+        if resized:
+            wanted = {id(p) for layer in embedding_layers(peft_model) for p in layer.parameters()}
+            frozen = [(n, p) for n, p in peft_model.named_parameters() if id(p) in wanted and not p.requires_grad]
+            with deepspeed.zero.GatheredParameters([p for _, p in frozen], modifier_rank=None):
+                if trainer.args.should_save:
+                    state.update({n: p.detach().to("cpu", copy=True) for n, p in frozen})
+        return state
+    state = trainer.accelerator.get_state_dict(trainer.model)  # FSDP v1 or FSDP2: full tensors on rank 0
+    return {clean_name(name): tensor for name, tensor in state.items()}
+
+
+def save_adapter(peft_model: Any, state: dict[str, Any], out: Path, resized: bool) -> None:
+    """PEFT's save_pretrained given a gathered state dict, whatever wrappers sit in the module tree.
+
+    PEFT (0.21) picks an adapter's tensors by walking the module tree, whose names under FSDP v1 contain
+    `_fsdp_wrapped_module.`, while a gathered state dict's keys do not: it then keeps no LoRA tensor at all.
+    So the keys are spelt as the tree spells them for PEFT, and the written file plainly again."""
+    from safetensors.torch import load_file, save_file
+
+    tree = {clean_name(name): name for name, _ in peft_model.named_modules()}
+
+    def as_tree(key: str) -> str:
+        path, _, leaf = key.rpartition(".")
+        return f"{tree.get(path, path)}.{leaf}"
+
+    peft_model.save_pretrained(
+        str(out), state_dict={as_tree(key): value for key, value in state.items()}, save_embedding_layers=resized
+    )
+    weights = out / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    if any(clean_name(key) != key for key in tensors):
+        save_file({clean_name(key): value for key, value in tensors.items()}, str(weights), metadata={"format": "pt"})
+
+
+def embedding_layers(model: Any) -> list[Any]:
+    layers = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return [layer for layer in layers if layer is not None]
+
+
 def adapter_problems(out: Path, model: Any, resized: bool) -> list[str]:
-    """What a saved adapter lacks for a faithful reload: a LoRA tensor of any adapted layer, or (when the
-    template added tokens) the resized embedding. Gathers under FSDP/ZeRO-3 can drop both without an
-    error (docs/distributed.md), and a reload would then silently use the base or new random rows."""
+    """What a saved adapter lacks for a faithful reload: a LoRA tensor of any adapted layer, whole tensors
+    (an ungathered ZeRO-3 partition is empty) or (when the template added tokens) the resized embedding.
+    Gathers under FSDP/ZeRO-3 were seen to drop each without an error (docs/distributed.md), and a reload
+    would then silently use the base or new random rows."""
     from peft.tuners.lora import LoraLayer
     from safetensors import safe_open
 
@@ -564,18 +651,19 @@ def adapter_problems(out: Path, model: Any, resized: bool) -> list[str]:
     if not path.is_file():
         return [f"{path} was not written"]
     with safe_open(str(path), "pt") as handle:
-        saved = set(handle.keys())
+        shapes = {key: handle.get_slice(key).get_shape() for key in handle.keys()}
     expected = set()
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
-            for prefix in WRAPPER_PREFIXES:
-                name = name.replace(prefix, "")
-            name = name.removeprefix("module.")  # DDP's wrapper
+            name = clean_name(name).removeprefix("module.")  # DDP's wrapper
             expected |= {f"{name}.lora_A.weight", f"{name}.lora_B.weight"}
     problems = []
-    if missing := sorted(expected - saved):
+    if missing := sorted(expected - set(shapes)):
         problems.append(f"{len(missing)} of {len(expected)} LoRA tensors are missing from {path} (e.g. {missing[0]})")
-    if resized and not any("embed_tokens" in key for key in saved):
+    if empty := sorted(key for key, shape in shapes.items() if 0 in shape):
+        problems.append(f"{len(empty)} tensors in {path} are empty (e.g. {empty[0]}): shards that were not gathered")
+    # the whole embedding, not only the trained rows of the new tokens (`trainable_tokens_delta`)
+    if resized and not any("embed_tokens" in key and key.endswith(".weight") for key in shapes):
         problems.append(
             f"the template added tokens but {path} holds no embedding: a reload would give the added tokens new "
             "random rows"
@@ -714,7 +802,7 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
 
     after = evaluate(trainer)
     task_after = task_score(trainer.model, tokenizer, examples, recipe) if examples else None
-    saved = save(trainer, tokenizer, recipe, run_dir) if recipe.trainer.save_final else None
+    saved = save(trainer, tokenizer, recipe, run_dir, bool(new_ids)) if recipe.trainer.save_final else None
     if not main:
         return {"rank": process_rank(), "steps": trainer.state.global_step}
     problems = adapter_problems(saved, trainer.model, bool(new_ids)) if saved and recipe.lora.enabled else []

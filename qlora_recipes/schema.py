@@ -243,6 +243,7 @@ class TrainerConfig:
     loss_on: LossOn = LossOn.all
     gradient_checkpointing: bool = False  # ~30% slower steps for far less activation memory
     use_reentrant: bool = False
+    liger: bool = False  # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA, SFT; liger-kernel installed)
     precision: Precision = Precision.auto
     logging_steps: int = 5
     eval_strategy: Strategy = Strategy.epoch

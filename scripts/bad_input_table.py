@@ -44,6 +44,7 @@ def cases(tmp: Path) -> list[tuple[str, list[str]]]:
         ("batch not divisible", ["validate", "trainer.batch_size=6", "trainer.micro_batch_size=4"]),
         ("unsloth without CUDA", ["validate", "backend=unsloth"]),
         ("flash-attn missing", ["validate", "model.attn_implementation=flash_attention_2"]),
+        ("Liger without CUDA", ["validate", "trainer.liger=true"]),
         ("assistant-only loss on plain text", ["validate", "data.format=text"]),
         ("preference data for SFT", ["run", *TINY, f"data.name={tmp}/pref.jsonl", f"output_dir={tmp}/r1"]),
         ("dataset missing", ["run", *TINY, f"data.name={tmp}/nope", f"output_dir={tmp}/r2"]),

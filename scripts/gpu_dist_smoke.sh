@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # 2-GPU smoke run of each multi-process backend on the tiny Llama through `run` (device tool, carry .whl).
 # Prints one line per backend: exit code, first/last logged loss, and whether the adapter reloads on one GPU.
-# DISTS="ddp fsdp zero3" picks backends; EXTRA="key=value ..." adds overrides; RESUME=1 also resumes each
+# DISTS="ddp fsdp zero3" picks backends (fsdp2 = FSDP2, fsdp2+untied = FSDP2 on a tiny model with untied embeddings;
+# NAME,key=value,... adds overrides to one); EXTRA="key=value ..." adds overrides; RESUME=1 also resumes each
 # run from its step-10 checkpoint under the same backend; POST=1 then runs `eval`, `merge` (float32) and a one-shot
 # `chat` on GPU 0 alone and compares the merged model's logits with the adapter's over the same base.
 set -u
@@ -10,10 +11,30 @@ export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 NCC
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/cards.txt"
 python3 -c "import torch,transformers,peft,trl,accelerate,bitsandbytes,deepspeed;print('torch',torch.__version__,'transformers',transformers.__version__,'peft',peft.__version__,'trl',trl.__version__,'accelerate',accelerate.__version__,'bitsandbytes',bitsandbytes.__version__,'deepspeed',deepspeed.__version__)" 2>/dev/null | tee "$OUT/versions.txt"
-for dist in ${DISTS:-ddp fsdp zero3}; do
-  run=/tmp/runs/$dist
+if [[ " ${DISTS:-} " == *untied* ]]; then  # the tiny Llama with separate input and output embeddings
+  python3 - <<'PY' || exit 1
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from qlora_recipes.models import tiny_checkpoint
+path = tiny_checkpoint()
+model = AutoModelForCausalLM.from_pretrained(path)
+model.config.tie_word_embeddings = False
+model.lm_head.weight = type(model.lm_head.weight)(model.lm_head.weight.detach().clone())
+model.save_pretrained("/tmp/tiny-untied")
+AutoTokenizer.from_pretrained(path).save_pretrained("/tmp/tiny-untied")
+PY
+fi
+for variant in ${DISTS:-ddp fsdp zero3}; do  # NAME[,override...]: ddp, fsdp, fsdp2, zero3; +untied: the untied tiny model
+  IFS=, read -r dist overrides <<< "$variant"
+  name=${variant//[,=+]/_}
+  run=/tmp/runs/$name
   rm -rf "$run"  # scratch dir of this smoke run (a warm machine keeps the last one)
-  python3 -m qlora_recipes run +recipe=llama2_chatml model=tiny_llama data=demo_dates "dist=$dist" ${EXTRA:-} \
+  case $dist in
+    fsdp2) args=(dist=fsdp dist.fsdp_version=2) ;;
+    fsdp2+untied) args=(dist=fsdp dist.fsdp_version=2 model.name_or_path=/tmp/tiny-untied model.source=hub_or_path) ;;
+    *) args=("dist=$dist") ;;
+  esac
+  dist=$name
+  timeout 300 python3 -m qlora_recipes run +recipe=llama2_chatml model=tiny_llama data=demo_dates "${args[@]}" ${overrides//,/ } ${EXTRA:-} \
     trainer.batch_size=8 trainer.micro_batch_size=2 trainer.max_steps=20 trainer.save_steps=10 \
     trainer.eval_strategy=no trainer.learning_rate=1e-3 data.max_eval_samples=16 logger=none \
     "output_dir=$run" > "$OUT/$dist.log" 2>&1

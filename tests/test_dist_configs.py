@@ -169,3 +169,26 @@ def test_kbit_preparation_only_without_sharding(recipe_of, tiny_checkpoint, back
     model = setup_model(resolved, tiny_checkpoint, tokenizer, new_ids)
     norm = next(p for n, p in model.named_parameters() if n.endswith("input_layernorm.weight"))
     assert norm.dtype == (torch.float32 if prepared else torch.bfloat16)
+
+
+def test_fsdp2_refuses_trainable_new_rows_of_a_tied_embedding_before_loading(recipe_of):
+    """accelerate's FSDP2 sharding fails on it (seen on an H200, docs/distributed.md); untied models train."""
+    from qlora_recipes import models
+    from qlora_recipes.runner import refuse_fsdp2_tied_new_rows
+
+    tied = str(models.tiny_checkpoint())  # tie_word_embeddings=True, as SmolLM2
+    fsdp2 = recipe_of(*SHARDED_QLORA, "model=tiny_llama", "dist=fsdp", "dist.fsdp_version=2", device=GPUS).recipe
+    with pytest.raises(RecipeError, match="tied input/output embeddings.*lora.train_new_tokens=false"):
+        refuse_fsdp2_tied_new_rows(fsdp2, tied, new_token_ids=[400, 401])
+    refuse_fsdp2_tied_new_rows(fsdp2, tied, new_token_ids=[])  # no added tokens: nothing to refuse
+    frozen_rows = recipe_of(
+        *SHARDED_QLORA,
+        "model=tiny_llama",
+        "dist=fsdp",
+        "dist.fsdp_version=2",
+        "lora.train_new_tokens=false",
+        device=GPUS,
+    ).recipe
+    refuse_fsdp2_tied_new_rows(frozen_rows, tied, new_token_ids=[400, 401])
+    zero3 = recipe_of(*SHARDED_QLORA, "model=tiny_llama", "dist=zero3", device=GPUS).recipe
+    refuse_fsdp2_tied_new_rows(zero3, tied, new_token_ids=[400, 401])

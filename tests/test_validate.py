@@ -21,6 +21,9 @@ GPU = Device(kind="cuda", count=1, bf16=True)
         (("backend=unsloth",), GPU, "unsloth package is not installed"),
         (("backend=unsloth", "dist.num_processes=2", "trainer.batch_size=16"), GPU, "single process"),
         (("model.attn_implementation=flash_attention_2",), GPU, "flash-attn is not installed"),
+        (("trainer.liger=true",), None, "Triton GPU kernels, used here for SFT on CUDA only"),
+        (("trainer.liger=true",), GPU, "liger-kernel package is not installed"),
+        (("+recipe=smollm2_dpo", "trainer.liger=true"), GPU, "SFT on CUDA only"),
         (("template=tokenizer", "template.add_tokens=true"), None, "add_tokens=false"),
         (("trainer.loss_on=assistant", "data.format=text"), None, "no assistant turns"),
         (("trainer.eval_strategy=steps",), None, "eval_steps"),
@@ -54,3 +57,17 @@ def test_every_problem_is_reported_at_once(recipe_of):
 
 def test_valid_recipe_passes(recipe_of):
     assert recipe_of("lora.r=16", "trainer.batch_size=16", "trainer.micro_batch_size=4").recipe.lora.r == 16
+
+
+def test_liger_reaches_the_trainer_config_when_installed(recipe_of, monkeypatch):
+    import importlib.util
+
+    from qlora_recipes import plan
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "liger_kernel" else real(name, *a)
+    )
+    recipe = recipe_of("trainer.liger=true", device=GPU).recipe
+    assert plan.training_kwargs(recipe, "out")["use_liger_kernel"] is True
+    assert "use_liger_kernel" not in plan.training_kwargs(recipe_of(device=GPU).recipe, "out")
