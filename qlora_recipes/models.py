@@ -39,6 +39,24 @@ def checkpoint_dir(model: ModelConfig) -> str:
     return str(path) if path.exists() else model.name_or_path
 
 
+def config_dict(model: ModelConfig) -> dict:
+    """The model's config.json as a dict: from its (cached) checkpoint dir, or a hub id's local cache."""
+    path = Path(checkpoint_dir(model))
+    if (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(
+            model.name_or_path, revision=model.revision, trust_remote_code=model.trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise RecipeError(
+            f"cannot read the config of model {model.name_or_path!r}: {str(exc).splitlines()[0]}"
+        ) from None
+    return config.to_dict()
+
+
 def check_local_model(model: ModelConfig) -> None:
     """Cheap checks of a local model dir before anything loads: exists, has config.json, is a causal LM."""
     if model.source is not ModelSource.hub_or_path:

@@ -175,11 +175,28 @@ def evaluate_run(run_dir: Path, samples: int | None = None) -> dict[str, Any]:
         "after": {**figures(after, dpo), "task": task_after.score if task_after else None},
         "task_metric": recipe.data.metric.value,
         "samples": len(examples),
+        "reload_max_abs_logit_diff": reload_difference(trained, run_dir),
     }
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     table = runner.samples_table(task_before, task_after) if task_after else ""
     (run_dir / "eval.md").write_text(eval_markdown(result, table))
     return result
+
+
+def reload_difference(trained: Trained, run_dir: Path) -> float | None:
+    """Largest |logit difference| between the weights loaded here and the model at the end of training, on
+    the sequence training recorded (runner.save_probe); None for runs without a record (DPO, older runs)."""
+    import torch
+
+    from qlora_recipes import runner
+
+    path = run_dir / runner.PROBE
+    if not path.is_file():
+        return None
+    probe = torch.load(path, weights_only=True)
+    with torch.no_grad():
+        logits = trained.model(input_ids=probe["input_ids"].to(trained.model.device)).logits.float().cpu()
+    return (logits - probe["logits"]).abs().max().item()
 
 
 def eval_metrics(model: Any, tokenizer: Any, prepared: data_mod.Prepared, recipe: RecipeConfig) -> dict[str, float]:
@@ -241,6 +258,12 @@ def eval_markdown(result: dict[str, Any], table: str) -> str:
         *(f"| {label} | {fmt(b.get(key), spec)} | {fmt(a.get(key), spec)} |" for label, key, spec in rows),
         "",
     ]
+    if result.get("reload_max_abs_logit_diff") is not None:
+        lines += [
+            "Saved weights vs the model at the end of training (the run's probe.pt, a held-out sequence): max "
+            f"|logit difference| {result['reload_max_abs_logit_diff']:.2e}.",
+            "",
+        ]
     if table:
         lines += [f"## {result['samples']} held-out prompts, greedy answers", "", table]
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from qlora_recipes.schema import (
     ModelSource,
     Precision,
     RecipeConfig,
+    StorageDType,
     Strategy,
     TaskMetric,
     TemplateFormat,
@@ -38,6 +39,7 @@ class Device:
     count: int = 0  # visible GPUs
     bf16: bool = False  # the GPU computes in bfloat16 natively
     flash_attn: bool = False  # the flash-attn package is importable
+    memory_gib: float = 0.0  # total memory of the smallest visible GPU
 
     def describe(self) -> str:
         if self.kind == "cpu":
@@ -53,11 +55,13 @@ def probe_device() -> Device:
 
     if not torch.cuda.is_available():
         return Device()
+    count = torch.cuda.device_count()
     return Device(
         kind="cuda",
-        count=torch.cuda.device_count(),
+        count=count,
         bf16=torch.cuda.is_bf16_supported(),
         flash_attn=importlib.util.find_spec("flash_attn") is not None,
+        memory_gib=min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) / 2**30,
     )
 
 
@@ -124,9 +128,54 @@ def resolve(cfg: DictConfig | RecipeConfig, device: Device) -> Resolved:
         quant=replace(recipe.quant, compute_dtype=compute),
         trainer=replace(recipe.trainer, precision=precision),
     )
+    if recipe.dist.backend is DistBackend.auto:
+        recipe = auto_dist(recipe, device, notes)
     resolved = Resolved(recipe=recipe, device=device, notes=notes)
     validate(resolved)
     return resolved
+
+
+# a whole model per GPU (DDP) while its estimate stays under this share of the GPU: the CUDA context, the
+# allocator's slack and the estimate's error (docs in memory.py) take the rest
+DDP_FITS = 0.8
+
+
+def auto_dist(recipe: RecipeConfig, device: Device, notes: list[str]) -> RecipeConfig:
+    """dist=auto: single for one process; else DDP when the model and its activations fit on one GPU (the
+    fastest: no gathers), else FSDP, whose 4-bit weights must be stored in the compute dtype. Noted."""
+    from qlora_recipes import memory, models
+
+    processes = recipe.dist.num_processes * recipe.dist.num_machines
+    if processes == 1:
+        notes.append("dist auto -> single (one process)")
+        return replace(recipe, dist=replace(recipe.dist, backend=DistBackend.single))
+    if device.kind != "cuda":
+        notes.append("dist auto -> ddp (several CPU processes: DDP is the backend that runs on CPU)")
+        return replace(recipe, dist=replace(recipe.dist, backend=DistBackend.ddp))
+    shape = memory.ModelShape.from_config(models.config_dict(recipe.model))
+    whole = memory.estimate(recipe, shape)
+    budget = DDP_FITS * device.memory_gib
+    if whole.total_gib <= budget:
+        notes.append(f"dist auto -> ddp: a whole model per GPU needs {whole.describe()}; fits in {budget:.0f} GiB")
+        return replace(recipe, dist=replace(recipe.dist, backend=DistBackend.ddp))
+    if recipe.quant.load_in_8bit:
+        raise RecipeError(
+            f"dist=auto: a whole model per GPU needs {whole.describe()}, more than {budget:.0f} GiB, and 8-bit "
+            "weights cannot be sharded. Use quant=nf4 (then dist=auto shards with FSDP), a smaller "
+            "trainer.micro_batch_size or trainer.max_seq_len, or trainer.gradient_checkpointing=true"
+        )
+    sharded = memory.estimate(recipe, shape, shards=processes)
+    notes.append(
+        f"dist auto -> fsdp: a whole model per GPU needs {whole.describe()}, over {budget:.0f} GiB; sharded over "
+        f"{processes} GPUs {sharded.describe()}"
+    )
+    quant = recipe.quant
+    if quant.load_in_4bit and quant.storage_dtype.value != quant.compute_dtype.value:
+        quant = replace(quant, storage_dtype=StorageDType(quant.compute_dtype.value))
+        notes.append(
+            f"quant.storage_dtype -> {quant.storage_dtype.value} (FSDP shards 4-bit weights stored in the compute dtype)"
+        )
+    return replace(recipe, dist=replace(recipe.dist, backend=DistBackend.fsdp), quant=quant)
 
 
 def validate(resolved: Resolved) -> None:

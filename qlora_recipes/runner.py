@@ -561,6 +561,31 @@ def peak_memory_gib() -> dict[str, float]:
     return {"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
+PROBE = "probe.pt"  # the trained model's logits on a held-out sequence; `eval` compares the saved weights'
+PROBE_TOKENS = 64
+
+
+def save_probe(trainer: Any, run_dir: Path) -> None:
+    """The trained model's logits on the first PROBE_TOKENS tokens of the first eval (else train) sequence,
+    written to RUN_DIR/probe.pt, so that `eval` can show the saved weights reproduce them on one device.
+    Every rank runs the forward (a sharded model needs them all); the main process writes. Runs after the
+    save and leaves the model in eval mode: training is over."""
+    import torch
+
+    rows = trainer.eval_dataset if trainer.eval_dataset is not None else trainer.train_dataset
+    ids = torch.tensor([list(rows[0]["input_ids"])[:PROBE_TOKENS]], device=trainer.accelerator.device)
+    model = trainer.model_wrapped
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float().cpu()
+    except (RuntimeError, ValueError) as exc:  # a check, after the weights are saved: never fails the run
+        log.warning("no %s recorded (eval will not compare logits): %s", PROBE, str(exc).splitlines()[0])
+        return
+    if trainer.args.should_save:
+        torch.save({"input_ids": ids.cpu(), "logits": logits}, run_dir / PROBE)
+
+
 def save(trainer: Any, tokenizer: Any, recipe: RecipeConfig, run_dir: Path, resized: bool) -> Path:
     """The adapter (PeftModel.from_pretrained loads it on one device) or full model, with the tokenizer and chat
     template. `resized`: the template added tokens, so the adapter must carry the grown embedding."""
@@ -803,6 +828,8 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
     after = evaluate(trainer)
     task_after = task_score(trainer.model, tokenizer, examples, recipe) if examples else None
     saved = save(trainer, tokenizer, recipe, run_dir, bool(new_ids)) if recipe.trainer.save_final else None
+    if saved and not dpo:
+        save_probe(trainer, run_dir)
     if not main:
         return {"rank": process_rank(), "steps": trainer.state.global_step}
     problems = adapter_problems(saved, trainer.model, bool(new_ids)) if saved and recipe.lora.enabled else []

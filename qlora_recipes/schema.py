@@ -133,6 +133,7 @@ class TaskMetric(Enum):
 
 
 class DistBackend(Enum):
+    auto = "auto"  # resolved: single for one process, else ddp if a whole model fits on each GPU, else fsdp
     single = "single"  # one process, in the `run` process itself
     ddp = "ddp"  # one full model copy per process, gradients all-reduced (torchrun / accelerate launch)
     fsdp = "fsdp"  # PyTorch FSDP (v1): parameters, gradients and optimizer state sharded

@@ -80,7 +80,8 @@ try:
     batch = tok(["<|im_start|>user\nhi<|im_end|>\n"], return_tensors="pt").to("cuda")
     with torch.no_grad():
         diff = (adapter(**batch).logits - merged(**batch).logits).abs().max().item()
-    print(f"{dist}: eval exit {e}: loss {ev['before']['loss']:.4f} -> {ev['after']['loss']:.4f}; merge exit {g}: "
+    print(f"{dist}: eval exit {e}: loss {ev['before']['loss']:.4f} -> {ev['after']['loss']:.4f}, saved vs trained "
+          f"max |logit diff| {ev.get('reload_max_abs_logit_diff')}; merge exit {g}: "
           f"max |logit diff| merged vs adapter {diff:.2e}; chat answered {answer!r}")
 except Exception as exc:
     print(f"{dist}: post-training FAILED (eval exit {e}, merge exit {g}): {type(exc).__name__}: {exc}")

@@ -68,6 +68,8 @@ def test_eval_reports_base_vs_trained_and_matches_training(sft_run, capsys):
     assert before["task"] is not None and result["samples"] == 3
     report = (run_dir / "eval.md").read_text()
     assert "| perplexity |" in report and "| eval loss |" in report
+    # the saved adapter gives the logits the trained model gave at the end of training (runner.save_probe)
+    assert result["reload_max_abs_logit_diff"] < 1e-4 and "Saved weights vs the model at the end" in report
     assert report.split("| prompt | reference | before | after |")[1].count("\n|") == 1 + 3  # rule + 3 rows
     assert "eval.md" in capsys.readouterr().out
 
@@ -144,6 +146,7 @@ def test_dpo_margins_rise_and_eval_uses_the_base_as_reference(dpo_run, capsys):
     # a reference copied from the trained adapter would give margin 0 and loss ln 2
     assert result["after"]["reward_margin"] == pytest.approx(after["rewards/margins"], rel=0.05)
     assert result["before"]["loss"] is None and "reward margin" in (run_dir / "eval.md").read_text()
+    assert result["reload_max_abs_logit_diff"] is None  # no probe for DPO runs
 
 
 def test_merge_of_a_4bit_run_reloads_the_base_unquantized(dpo_run, tmp_path, capsys):
@@ -165,6 +168,7 @@ def test_full_fine_tuning_run_evaluates_against_its_base(tmp_path_factory):
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["before"]["loss"] == pytest.approx(metrics["eval"]["loss_before"], rel=1e-4)
     assert result["after"]["loss"] == pytest.approx(metrics["eval"]["loss_after"], rel=1e-4)
+    assert result["reload_max_abs_logit_diff"] < 1e-4
     assert cli.main(["merge", str(run_dir)]) == 2  # nothing to merge: model/ is the trained model
 
 
