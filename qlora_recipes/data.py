@@ -181,21 +181,21 @@ def load_splits(data: DataConfig, seed: int) -> tuple[Any, Any | None]:
 
 
 def detect_format(columns: list[str], data: DataConfig, trainer: TrainerKind = TrainerKind.sft) -> DataFormat:
-    """The data set's format from data.format or its columns; preference data goes with trainer=dpo only."""
+    """The data set's format from data.format or its columns; preference data goes with trainer=dpo|orpo only."""
     cols = set(columns)
     preference = {"chosen", "rejected"} <= cols
-    if trainer is TrainerKind.dpo:
+    if trainer.on_pairs:
         if not PREFERENCE_COLUMNS <= cols:
             shape = "SFT-shaped rows" if not preference else "chosen/rejected without a prompt column"
             raise DataError(
-                f"trainer=dpo needs preference rows ({REQUIRED[DataFormat.preference]}); {data.name} has {shape} "
+                f"trainer={trainer.value} needs preference rows ({REQUIRED[DataFormat.preference]}); {data.name} has {shape} "
                 f"(columns {sorted(cols)}). Use trainer=sft for this data set, or a preference data set"
             )
         return DataFormat.preference
     if preference:
         raise DataError(
             f"{data.name} is preference data (chosen/rejected columns): trainer=sft needs messages, text, alpaca "
-            "or prompt/completion rows. Use trainer=dpo for preference pairs"
+            "or prompt/completion rows. Use trainer=dpo or trainer=orpo for preference pairs"
         )
     if data.format is not DataFormat.auto:
         needed = {

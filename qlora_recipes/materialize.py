@@ -46,10 +46,13 @@ def lora_config(kwargs: dict[str, Any] | None) -> Any:
 
 
 def trainer_config(recipe: RecipeConfig, kwargs: dict[str, Any]) -> Any:
-    """SFTConfig or DPOConfig, as the recipe's trainer.kind says."""
-    from trl import DPOConfig, SFTConfig
+    """SFTConfig, DPOConfig or ORPOConfig, as the recipe's trainer.kind says."""
+    import trl
 
-    config_class = DPOConfig if recipe.trainer.kind is TrainerKind.dpo else SFTConfig
+    if recipe.trainer.kind is TrainerKind.orpo:
+        from trl.experimental.orpo import ORPOConfig as config_class
+    else:
+        config_class = trl.DPOConfig if recipe.trainer.kind is TrainerKind.dpo else trl.SFTConfig
     try:
         return config_class(**kwargs)
     except ValueError as exc:

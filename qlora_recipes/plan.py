@@ -176,10 +176,22 @@ def dpo_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = Fals
     return {**training_kwargs(recipe, output_dir, on_cpu), "beta": t.beta, "loss_type": [t.dpo_loss.value]}
 
 
+def orpo_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = False) -> dict[str, Any]:
+    """`ORPOConfig` keywords (trl.experimental.orpo): beta is ORPO's lambda, the weight of the odds-ratio term
+    beside the chosen answers' language-model loss. No reference model exists in ORPO."""
+    t = recipe.trainer
+    kwargs = {**training_kwargs(recipe, output_dir, on_cpu), "beta": t.beta}
+    if t.max_completion_len:
+        kwargs["max_completion_length"] = t.max_completion_len
+    return kwargs
+
+
+TRAINER_KWARGS = {TrainerKind.sft: sft_kwargs, TrainerKind.dpo: dpo_kwargs, TrainerKind.orpo: orpo_kwargs}
+
+
 def trainer_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = False) -> dict[str, Any]:
-    """The config keywords of the recipe's trainer kind (SFTConfig or DPOConfig)."""
-    build = dpo_kwargs if recipe.trainer.kind is TrainerKind.dpo else sft_kwargs
-    return build(recipe, output_dir, on_cpu)
+    """The config keywords of the recipe's trainer kind (SFTConfig, DPOConfig or ORPOConfig)."""
+    return TRAINER_KWARGS[recipe.trainer.kind](recipe, output_dir, on_cpu)
 
 
 SHARDED = (DistBackend.fsdp, DistBackend.zero3, DistBackend.zero3_offload)  # parameters split across GPUs

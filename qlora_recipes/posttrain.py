@@ -153,10 +153,10 @@ def evaluate_run(run_dir: Path, samples: int | None = None) -> dict[str, Any]:
         raise RecipeError(
             f"{run_dir}: the recipe's data has no test split to evaluate on (data.splits={list(recipe.data.splits)})"
         )
-    dpo = recipe.trainer.kind is TrainerKind.dpo
+    kind = recipe.trainer.kind
     after = eval_metrics(trained.model, trained.tokenizer, prepared, recipe)
     before = {}
-    if not dpo:  # DPO's loss of the base is ln 2 by construction: the policy is the reference
+    if kind is not TrainerKind.dpo:  # DPO's loss of the base is ln 2 by construction: the policy is the reference
         with base_of(trained) as base:
             before = eval_metrics(base, trained.tokenizer, prepared, recipe)
     count = samples if samples is not None else (recipe.trainer.task_eval_samples or 8)
@@ -171,8 +171,8 @@ def evaluate_run(run_dir: Path, samples: int | None = None) -> dict[str, Any]:
         "trained": str(trained.source),
         "trainer": recipe.trainer.kind.value,
         "eval_rows": len(prepared.eval),
-        "before": {**figures(before, dpo), "task": task_before.score if task_before else None},
-        "after": {**figures(after, dpo), "task": task_after.score if task_after else None},
+        "before": {**figures(before, kind.on_pairs), "task": task_before.score if task_before else None},
+        "after": {**figures(after, kind.on_pairs), "task": task_after.score if task_after else None},
         "task_metric": recipe.data.metric.value,
         "samples": len(examples),
         "reload_max_abs_logit_diff": reload_difference(trained, run_dir),
@@ -205,7 +205,7 @@ def eval_metrics(model: Any, tokenizer: Any, prepared: data_mod.Prepared, recipe
 
     with tempfile.TemporaryDirectory() as scratch:
         kwargs = {**plan.trainer_kwargs(recipe, scratch, on_cpu=on_cpu()), "report_to": "none"}
-        trainer = runner.setup_trainer(trainer_config(recipe, kwargs), model, tokenizer, prepared)
+        trainer = runner.setup_trainer(trainer_config(recipe, kwargs), model, tokenizer, prepared, recipe.trainer.kind)
         if "ref" in getattr(model, "peft_config", {}):
             # DPOTrainer copies a loaded adapter as its reference ("ref"); training's reference was the base
             # (adapter off), and without the copy TRL falls back to exactly that
@@ -213,9 +213,9 @@ def eval_metrics(model: Any, tokenizer: Any, prepared: data_mod.Prepared, recipe
         return runner.evaluate(trainer)
 
 
-def figures(metrics: dict[str, float], dpo: bool) -> dict[str, float | None]:
+def figures(metrics: dict[str, float], pairs: bool) -> dict[str, float | None]:
     loss = metrics.get("loss")
-    if dpo:
+    if pairs:
         return {
             "loss": loss,
             "reward_margin": metrics.get("rewards/margins"),
@@ -237,7 +237,7 @@ def eval_markdown(result: dict[str, Any], table: str) -> str:
     b, a = result["before"], result["after"]
     dpo = result["trainer"] == "dpo"
     rows = [("eval loss", "loss", ".4f")]
-    if dpo:
+    if TrainerKind(result["trainer"]).on_pairs:
         rows += [("reward margin", "reward_margin", ".4f"), ("chosen preferred", "chosen_preferred", ".1%")]
     else:
         rows += [("perplexity", "perplexity", ".3f")]
@@ -250,6 +250,8 @@ def eval_markdown(result: dict[str, Any], table: str) -> str:
         *(
             ["DPO: before training the policy equals the reference (loss ln 2, margin 0), so only after is measured."]
             if dpo
+            else ["ORPO: eval loss = the chosen answers' language-model loss plus beta x the odds-ratio term."]
+            if result["trainer"] == "orpo"
             else ["Perplexity = exp(eval loss) over the tokens the recipe trains on (trainer.loss_on)."]
         ),
         "",

@@ -291,7 +291,7 @@ def validate(resolved: Resolved) -> None:
         )
     if t.liger:
         need(
-            device.kind == "cuda" and t.kind is TrainerKind.sft,
+            device.kind == "cuda" and not t.kind.on_pairs,
             "trainer.liger=true: Liger's kernels are Triton GPU kernels, used here for SFT on CUDA only. "
             "Set trainer.liger=false",
         )
@@ -338,15 +338,15 @@ def validate(resolved: Resolved) -> None:
     )
 
     # trainer kind and data shape
-    dpo = t.kind is TrainerKind.dpo
+    dpo, pairs, kind = t.kind is TrainerKind.dpo, t.kind.on_pairs, t.kind.value
     need(
-        not dpo or d.format in (DataFormat.auto, DataFormat.preference),
-        f"trainer=dpo with data.format={d.format.value}: DPO trains on preference pairs "
+        not pairs or d.format in (DataFormat.auto, DataFormat.preference),
+        f"trainer={kind} with data.format={d.format.value}: {kind.upper()} trains on preference pairs "
         "(prompt/chosen/rejected). Use data.format=preference (or auto), or trainer=sft for this data",
     )
     need(
-        dpo or d.format is not DataFormat.preference,
-        "data.format=preference with trainer=sft: preference pairs train with trainer=dpo; SFT needs "
+        pairs or d.format is not DataFormat.preference,
+        "data.format=preference with trainer=sft: preference pairs train with trainer=dpo or orpo; SFT needs "
         "messages, text, alpaca or prompt/completion rows",
     )
     if dpo:
@@ -356,13 +356,15 @@ def validate(resolved: Resolved) -> None:
             "Use LoRA (lora=default): the reference is then the base with the adapter switched off",
         )
         need(
-            not t.packing, "trainer=dpo with trainer.packing=true: DPO pairs are not packed; set trainer.packing=false"
-        )
-        need(
             not (tpl.add_tokens and lora.train_new_tokens),
             "trainer=dpo with trainable new-token rows: TRL's DPO computes log-probabilities from lm_head.weight "
             "directly, so trained rows on the head would be ignored. Set lora.train_new_tokens=false or use a "
             "template without new tokens (template.add_tokens=false)",
+        )
+    if pairs:
+        need(
+            not t.packing,
+            f"trainer={kind} with trainer.packing=true: preference pairs are not packed; set trainer.packing=false",
         )
         need(t.beta > 0, f"trainer.beta={t.beta}: must be > 0")
         for key in ("max_prompt_len", "max_completion_len"):

@@ -329,9 +329,12 @@ def setup_args(resolved: Resolved, run_dir: Path) -> Any:
     return args
 
 
-def setup_trainer(args: Any, model: Any, tokenizer: Any, prepared: data_mod.Prepared, peft_config: Any = None) -> Any:
-    """TRL's SFTTrainer (or the model-loss variant), or DPOTrainer when given the adapter's peft_config:
-    with no ref_model and a peft model, DPO's reference log-probabilities come from the adapter disabled."""
+def setup_trainer(
+    args: Any, model: Any, tokenizer: Any, prepared: data_mod.Prepared, kind: TrainerKind, peft_config: Any = None
+) -> Any:
+    """TRL's SFTTrainer (or the model-loss variant); for preference pairs DPOTrainer or ORPOTrainer, given the
+    adapter's peft_config: with no ref_model and a peft model, DPO's reference log-probabilities come from
+    the adapter disabled (ORPO has no reference)."""
     from trl import DPOTrainer, SFTTrainer
 
     if prepared.eval is None and args.eval_strategy != "no":
@@ -344,7 +347,11 @@ def setup_trainer(args: Any, model: Any, tokenizer: Any, prepared: data_mod.Prep
         "eval_dataset": prepared.eval,
         "processing_class": tokenizer,
     }
-    if prepared.format is data_mod.DataFormat.preference:
+    if kind is TrainerKind.orpo:
+        from trl.experimental.orpo import ORPOTrainer
+
+        trainer = ORPOTrainer(peft_config=peft_config, **common)
+    elif kind is TrainerKind.dpo:
         trainer = DPOTrainer(ref_model=None, peft_config=peft_config, **common)
     else:
         trainer_class = model_loss_trainer_class() if head_is_wrapped(model) else SFTTrainer
@@ -742,10 +749,15 @@ def print_summary(metrics: dict[str, Any], run_dir: Path, saved: Path | None) ->
         f"  eval loss      before {fmt(e.get('loss_before'))}  ->  after {fmt(e.get('loss_after'))}",
     ]
     if e.get("preference_after"):
-        p = e["preference_after"]
+        p, b = e["preference_after"], e.get("preference_before")
+        before = (
+            f"before training {fmt(b.get('rewards/margins'))} and {fmt(b.get('rewards/accuracies'), '.1%')}"
+            if b
+            else "before training: 0 and 0% by construction"
+        )
         lines.append(
             f"  eval pairs     reward margin {fmt(p.get('rewards/margins'))}, chosen preferred "
-            f"{fmt(p.get('rewards/accuracies'), '.1%')} (before training: 0 and 0% by construction)"
+            f"{fmt(p.get('rewards/accuracies'), '.1%')} ({before})"
         )
     if e.get("task_before") is not None or e.get("task_after") is not None:
         lines.append(
@@ -791,10 +803,11 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
     prepared = data_mod.prepare(recipe, tokenizer)  # data errors surface before the weights load
     log.info("data: %s", json.dumps(prepared.stats))
     args = setup_args(resolved, run_dir)
-    dpo = recipe.trainer.kind is TrainerKind.dpo
-    model = setup_model(resolved, checkpoint, tokenizer, new_ids, wrap_adapter=not dpo)
-    peft_config = adapter_config(recipe, model, new_ids) if dpo else None
-    trainer = setup_trainer(args, model, tokenizer, prepared, peft_config)
+    kind = recipe.trainer.kind
+    dpo, pairs = kind is TrainerKind.dpo, kind.on_pairs
+    model = setup_model(resolved, checkpoint, tokenizer, new_ids, wrap_adapter=not pairs)  # TRL wraps it
+    peft_config = adapter_config(recipe, model, new_ids) if pairs else None
+    trainer = setup_trainer(args, model, tokenizer, prepared, kind, peft_config)
     report = trainable_report(trainer.model)
     log_trainable(report)
 
@@ -828,7 +841,7 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
     after = evaluate(trainer)
     task_after = task_score(trainer.model, tokenizer, examples, recipe) if examples else None
     saved = save(trainer, tokenizer, recipe, run_dir, bool(new_ids)) if recipe.trainer.save_final else None
-    if saved and not dpo:
+    if saved and not pairs:  # preference rows hold text, not token ids
         save_probe(trainer, run_dir)
     if not main:
         return {"rank": process_rank(), "steps": trainer.state.global_step}
@@ -848,7 +861,13 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
         "eval": {
             "loss_before": before.get("loss"),
             "loss_after": after.get("loss"),
-            **({"preference_after": {k: after[k] for k in PREFERENCE_KEYS if k in after}} if dpo else {}),
+            **({"preference_after": {k: after[k] for k in PREFERENCE_KEYS if k in after}} if pairs else {}),
+            # ORPO's base has meaningful pair figures; DPO's are 0 by construction and not computed
+            **(
+                {"preference_before": {k: before[k] for k in PREFERENCE_KEYS if k in before}}
+                if pairs and before
+                else {}
+            ),
             "task_before": task_before.score if task_before else None,
             "task_after": task_after.score if task_after else None,
         },

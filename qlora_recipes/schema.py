@@ -62,6 +62,12 @@ class TemplateFormat(Enum):
 class TrainerKind(Enum):
     sft = "sft"  # supervised fine-tuning (TRL SFTTrainer) on chats, text, alpaca or prompt/completion rows
     dpo = "dpo"  # direct preference optimisation (TRL DPOTrainer) on prompt/chosen/rejected rows
+    orpo = "orpo"  # odds-ratio preference optimisation (TRL's experimental ORPOTrainer): no reference model
+
+    @property
+    def on_pairs(self) -> bool:
+        """Trains on preference pairs (prompt/chosen/rejected) rather than SFT rows."""
+        return self is not TrainerKind.sft
 
 
 class DPOLoss(Enum):

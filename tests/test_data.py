@@ -41,7 +41,7 @@ def test_detect_format(recipe_of, columns, expected):
 
 def test_detect_format_errors(recipe_of):
     data = recipe_of("data.format=auto").recipe.data
-    with pytest.raises(DataError, match="preference data .* Use trainer=dpo"):
+    with pytest.raises(DataError, match="preference data .* Use trainer=dpo or trainer=orpo"):
         data_mod.detect_format(["prompt", "chosen", "rejected"], data)
     with pytest.raises(DataError, match=r"columns \['foo'\]"):
         data_mod.detect_format(["foo"], data)
@@ -185,6 +185,8 @@ def test_dpo_takes_preference_rows_only(recipe_of):
         data_mod.detect_format(["messages"], data, TrainerKind.dpo)
     with pytest.raises(DataError, match="without a prompt column"):
         data_mod.detect_format(["chosen", "rejected"], data, TrainerKind.dpo)
+    with pytest.raises(DataError, match="trainer=orpo needs preference rows.*SFT-shaped rows"):
+        data_mod.detect_format(["messages"], data, TrainerKind.orpo)
 
 
 def test_sft_data_set_with_dpo_fails_before_weights_load(setup):

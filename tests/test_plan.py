@@ -191,6 +191,18 @@ def test_dpo_kwargs_add_beta_and_loss_to_the_shared_training_arguments(recipe_of
     assert plan.trainer_kwargs(sft, "/tmp/run") == plan.sft_kwargs(sft, "/tmp/run")
 
 
+def test_orpo_kwargs_carry_beta_and_build_trl_orpo_config(recipe_of):
+    from qlora_recipes.materialize import trainer_config
+
+    recipe = recipe_of(
+        "+recipe=smollm2_dpo", "trainer=orpo", "trainer.beta=0.25", "trainer.max_completion_len=16"
+    ).recipe
+    kwargs = plan.trainer_kwargs(recipe, "/tmp/run")
+    assert kwargs == {**plan.training_kwargs(recipe, "/tmp/run"), "beta": 0.25, "max_completion_length": 16}
+    config = trainer_config(recipe, {**kwargs, "use_cpu": True})
+    assert type(config).__name__ == "ORPOConfig" and config.beta == 0.25 and config.max_length == 128
+
+
 @pytest.mark.parametrize(
     "device, precision, mixed",
     [(Device(), "fp32", "no"), (GPU, "bf16", "bf16"), (OLD_GPU, "fp16", "fp16")],

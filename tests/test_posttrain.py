@@ -36,6 +36,20 @@ def dpo_run(tmp_path_factory):  # 4-bit base, as the smollm2_dpo demo
     )
 
 
+@pytest.fixture(scope="module")
+def orpo_run(tmp_path_factory):  # the DPO demo's data and 4-bit base, ORPO's loss
+    return train(
+        tmp_path_factory,
+        "orpo",
+        "+recipe=smollm2_dpo",
+        "trainer=orpo",
+        "trainer.max_steps=20",
+        "trainer.learning_rate=5e-3",
+        "trainer.logging_steps=2",
+        "trainer.max_completion_len=null",
+    )
+
+
 def logits(model, tokenizer):
     text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}], tokenize=False)
     batch = tokenizer(text, return_tensors="pt", add_special_tokens=False)
@@ -226,3 +240,17 @@ def test_a_run_whose_adapter_saved_incompletely_fails_after_recording_it(tmp_pat
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["saved_incomplete"] == ["2 of 28 LoRA tensors are missing"]
     assert (run_dir / "checkpoint-2").is_dir()  # the trained state is kept
+
+
+def test_orpo_trains_on_pairs_without_a_reference_and_eval_measures_the_base_too(orpo_run, capsys):
+    run_dir, metrics = orpo_run
+    e = metrics["eval"]
+    assert e["loss_after"] < e["loss_before"]  # the chosen answers' loss plus the odds-ratio term
+    before, after = e["preference_before"], e["preference_after"]
+    assert after["rewards/accuracies"] >= before["rewards/accuracies"]
+    assert after["rewards/margins"] > before["rewards/margins"]
+    assert cli.main(["eval", str(run_dir), "samples=2"]) == 0
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["trainer"] == "orpo" and result["before"]["loss"] == pytest.approx(e["loss_before"], rel=1e-4)
+    assert result["after"]["reward_margin"] == pytest.approx(after["rewards/margins"], rel=1e-3)
+    assert "ORPO: eval loss" in (run_dir / "eval.md").read_text()

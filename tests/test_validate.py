@@ -32,7 +32,10 @@ GPU = Device(kind="cuda", count=1, bf16=True)
         (("data.test_fraction=1.5",), None, "test_fraction"),
         (("trainer.max_steps=0",), None, "max_steps=0"),
         (("trainer=dpo",), None, "data.format=messages"),  # the SFT demo data set with DPO
-        (("data=demo_dates_pref",), None, "preference pairs train with trainer=dpo"),
+        (("data=demo_dates_pref",), None, "preference pairs train with trainer=dpo or orpo"),
+        (("trainer=orpo",), None, "trainer=orpo with data.format=messages"),
+        (("+recipe=smollm2_dpo", "trainer=orpo", "trainer.packing=true"), None, "trainer=orpo with trainer.packing"),
+        (("+recipe=smollm2_dpo", "trainer=orpo", "trainer.liger=true"), GPU, "SFT on CUDA only"),
         (("+recipe=smollm2_dpo", "lora=none", "quant=none"), None, "second full copy"),
         (("+recipe=smollm2_dpo", "trainer.packing=true"), None, "not packed"),
         (("+recipe=smollm2_dpo", "template.add_tokens=true"), None, "lm_head.weight"),
