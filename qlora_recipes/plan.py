@@ -135,6 +135,8 @@ def training_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool =
         kwargs["eval_steps"] = t.eval_steps
     if t.liger:  # TRL keeps its own fused LM head, so Liger's fused cross-entropy stays off
         kwargs["use_liger_kernel"] = True
+    if t.torch_compile:
+        kwargs["torch_compile"] = True
     if t.gradient_checkpointing:
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": t.use_reentrant}
     if recipe.dist.backend is DistBackend.ddp and world_size(recipe) > 1:

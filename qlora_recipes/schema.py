@@ -251,6 +251,7 @@ class TrainerConfig:
     gradient_checkpointing: bool = False  # ~30% slower steps for far less activation memory
     use_reentrant: bool = False
     liger: bool = False  # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA, SFT; liger-kernel installed)
+    torch_compile: bool = False  # torch.compile the model: fewer, fused kernels; the first steps compile (slow)
     precision: Precision = Precision.auto
     logging_steps: int = 5
     eval_strategy: Strategy = Strategy.epoch

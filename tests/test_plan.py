@@ -231,3 +231,8 @@ def test_attention_choice(recipe_of, device, requested, expected):
     assert plan.model_kwargs(resolved.recipe)["attn_implementation"] == expected
     if requested == "auto" and expected == "sdpa":
         assert any("sdpa" in note for note in resolved.notes)
+
+
+def test_torch_compile_reaches_the_training_arguments(recipe_of):
+    assert plan.training_kwargs(recipe_of("trainer.torch_compile=true").recipe, "out")["torch_compile"] is True
+    assert "torch_compile" not in plan.training_kwargs(recipe_of().recipe, "out")
