@@ -24,6 +24,7 @@ from qlora_recipes.schema import (
     LossOn,
     ModelSource,
     Precision,
+    QuantConfig,
     RecipeConfig,
     StorageDType,
     Strategy,
@@ -142,7 +143,8 @@ DDP_FITS = 0.8
 
 def auto_dist(recipe: RecipeConfig, device: Device, notes: list[str]) -> RecipeConfig:
     """dist=auto: single for one process; else DDP when the model and its activations fit on one GPU (the
-    fastest: no gathers), else FSDP, whose 4-bit weights must be stored in the compute dtype. Noted."""
+    fastest: no gathers), else FSDP (ZeRO-3 when the template's new-token rows train: FSDP v1 cannot shard
+    them), with 4-bit weights stored in the compute dtype. Each choice is noted with its estimate."""
     from qlora_recipes import memory, models
 
     processes = recipe.dist.num_processes * recipe.dist.num_machines
@@ -165,17 +167,28 @@ def auto_dist(recipe: RecipeConfig, device: Device, notes: list[str]) -> RecipeC
             "trainer.micro_batch_size or trainer.max_seq_len, or trainer.gradient_checkpointing=true"
         )
     sharded = memory.estimate(recipe, shape, shards=processes)
+    if recipe.template.add_tokens and recipe.lora.enabled and recipe.lora.train_new_tokens:
+        # FSDP v1 cannot shard trainable new-token rows (validate says why); ZeRO-3 can
+        notes.append(
+            f"dist auto -> zero3: a whole model per GPU needs {whole.describe()}, over {budget:.0f} GiB, and the "
+            f"template's new-token rows train, which FSDP v1 cannot shard; sharded over {processes} GPUs "
+            f"{sharded.describe()}"
+        )
+        return replace(recipe, dist=replace(recipe.dist, backend=DistBackend.zero3), quant=sharded_quant(recipe, notes))
     notes.append(
         f"dist auto -> fsdp: a whole model per GPU needs {whole.describe()}, over {budget:.0f} GiB; sharded over "
         f"{processes} GPUs {sharded.describe()}"
     )
+    return replace(recipe, dist=replace(recipe.dist, backend=DistBackend.fsdp), quant=sharded_quant(recipe, notes))
+
+
+def sharded_quant(recipe: RecipeConfig, notes: list[str]) -> QuantConfig:
+    """4-bit weights shard only when stored in the compute dtype (FSDP and ZeRO-3 flatten them with the rest)."""
     quant = recipe.quant
     if quant.load_in_4bit and quant.storage_dtype.value != quant.compute_dtype.value:
         quant = replace(quant, storage_dtype=StorageDType(quant.compute_dtype.value))
-        notes.append(
-            f"quant.storage_dtype -> {quant.storage_dtype.value} (FSDP shards 4-bit weights stored in the compute dtype)"
-        )
-    return replace(recipe, dist=replace(recipe.dist, backend=DistBackend.fsdp), quant=quant)
+        notes.append(f"quant.storage_dtype -> {quant.storage_dtype.value} (sharded 4-bit weights: the compute dtype)")
+    return quant
 
 
 def validate(resolved: Resolved) -> None:

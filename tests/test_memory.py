@@ -48,6 +48,18 @@ def test_auto_picks_ddp_when_a_whole_model_fits_and_fsdp_when_not(recipe_of):
     assert any("sharded over 2 GPUs" in note for note in tight.notes)
 
 
+def test_auto_shards_trainable_new_token_rows_with_zero3(recipe_of):
+    tight = recipe_of(
+        "model=tiny_llama",
+        "dist=auto",
+        "template.add_tokens=true",
+        "trainer.batch_size=16",
+        device=Device("cuda", 2, True, memory_gib=0.01),
+    )
+    assert tight.recipe.dist.backend is DistBackend.zero3
+    assert any("new-token rows train, which FSDP v1 cannot shard" in note for note in tight.notes)
+
+
 def test_auto_refuses_an_8bit_model_that_does_not_fit(recipe_of):
     with pytest.raises(RecipeError, match="8-bit weights cannot be sharded. Use quant=nf4"):
         recipe_of(
