@@ -582,6 +582,7 @@ def save_probe(trainer: Any, run_dir: Path) -> None:
     rows = trainer.eval_dataset if trainer.eval_dataset is not None else trainer.train_dataset
     ids = torch.tensor([list(rows[0]["input_ids"])[:PROBE_TOKENS]], device=trainer.accelerator.device)
     model = trainer.model_wrapped
+    model = getattr(model, "_orig_mod", model)  # under torch.compile: no recompiling for one forward
     model.eval()
     try:
         with torch.no_grad():

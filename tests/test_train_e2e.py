@@ -70,3 +70,5 @@ def test_torch_compile_trains_4bit_lora_like_eager(tmp_path):
     for key in ("first_logged_loss", "last_logged_loss"):
         assert compiled["train"][key] == pytest.approx(eager["train"][key], rel=0.01)
     assert compiled["eval"]["loss_after"] == pytest.approx(eager["eval"]["loss_after"], rel=0.01)
+    assert cli.main(["eval", str(tmp_path / "compiled"), "samples=0"]) == 0  # the saved adapter, loaded eagerly
+    assert json.loads((tmp_path / "compiled" / "eval.json").read_text())["reload_max_abs_logit_diff"] < 1e-4
