@@ -34,6 +34,7 @@ from typing import Any
 
 from qlora_recipes import models, plan
 from qlora_recipes.errors import LaunchFailed, RecipeError
+from qlora_recipes.report import fmt
 from qlora_recipes.schema import BenchShape
 from qlora_recipes.templates import CHATML
 
@@ -254,9 +255,6 @@ def measure(
 def markdown(results: list[Measured], header: dict[str, Any]) -> str:
     base = results[0]
 
-    def num(value: float | None, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
-
     lines = [f"# bench: {header['recipe']} on {header['shape']} ({header['device']})", ""]
     lines += [f"- {key}: {value}" for key, value in header.items() if key not in ("recipe", "shape")]
     lines += [
@@ -269,9 +267,9 @@ def markdown(results: list[Measured], header: dict[str, Any]) -> str:
         lines.append(
             f"| {r.name} | {r.processes} | {r.tokens_per_s_per_gpu:,.0f} | "
             f"{r.tokens_per_s_per_gpu / base.tokens_per_s_per_gpu:.2f}x | {r.median_step_s:.3f} | "
-            f"{r.measured_steps} ({r.min_step_s:.2f}-{r.max_step_s:.2f}) | {num(r.mfu, '.1%')} | "
-            f"{num(r.peak_allocated_gib, '.2f')} | {num(r.peak_reserved_gib, '.2f')} | "
-            f"{num(r.first_loss, '.4f')} -> {num(r.last_loss, '.4f')} | `{' '.join(r.overrides) or '(recipe)'}` |"
+            f"{r.measured_steps} ({r.min_step_s:.2f}-{r.max_step_s:.2f}) | {fmt(r.mfu, '.1%')} | "
+            f"{fmt(r.peak_allocated_gib, '.2f')} | {fmt(r.peak_reserved_gib, '.2f')} | "
+            f"{fmt(r.first_loss, '.4f')} -> {fmt(r.last_loss, '.4f')} | `{' '.join(r.overrides) or '(recipe)'}` |"
         )
     warnings = [w for r in results if (w := uneven(r))]
     if warnings:

@@ -346,7 +346,7 @@ def tokenize_split(raw: Any, fmt: DataFormat, tokenizer: Any, recipe: RecipeConf
 
 def preference_split(raw: Any, tokenizer: Any, recipe: RecipeConfig, name: str) -> tuple[Any, dict[str, Any]]:
     """Preference rows checked for shape and filtered by trainer.max_prompt_len / max_completion_len (in
-    tokens, after the chat template); DPOTrainer tokenizes them itself."""
+    tokens, after the chat template); the DPO/ORPO trainer tokenizes them itself."""
     t = recipe.trainer
     conversational = isinstance(raw[0]["prompt"], list)
 

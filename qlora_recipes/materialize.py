@@ -1,4 +1,4 @@
-"""Materialize: plan dicts -> library objects (BitsAndBytesConfig, peft.LoraConfig, trl.SFTConfig/DPOConfig).
+"""Materialize: plan dicts -> library objects (BitsAndBytesConfig, peft.LoraConfig, trl.SFTConfig/DPOConfig/ORPOConfig).
 
 The one thin step that imports torch/transformers/peft/trl; every decision was made in `plan.py`.
 """
@@ -75,7 +75,7 @@ def from_pretrained_kwargs(resolved: Resolved) -> dict[str, Any]:
 class Materialized:
     model_kwargs: dict[str, Any]
     lora: Any
-    trainer: Any  # SFTConfig or DPOConfig
+    trainer: Any  # SFTConfig, DPOConfig or ORPOConfig
 
 
 def materialize(

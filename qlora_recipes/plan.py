@@ -24,6 +24,11 @@ class ModelFacts:
     linear_modules: tuple[str, ...] = LLAMA_LINEAR
 
 
+def trains_new_token_rows(recipe: RecipeConfig) -> bool:
+    """The template may add tokens and their embedding rows train (LoRA's trainable_token_indices)."""
+    return recipe.template.add_tokens and recipe.lora.enabled and recipe.lora.train_new_tokens
+
+
 def world_size(recipe: RecipeConfig) -> int:
     return recipe.dist.num_processes * recipe.dist.num_machines
 
@@ -101,7 +106,7 @@ def lora_kwargs(
 
 
 def training_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = False) -> dict[str, Any]:
-    """The `transformers.TrainingArguments` part, shared by SFTConfig and DPOConfig."""
+    """The `transformers.TrainingArguments` part, shared by SFTConfig, DPOConfig and ORPOConfig."""
     t = recipe.trainer
     kwargs: dict[str, Any] = {
         "output_dir": str(output_dir),

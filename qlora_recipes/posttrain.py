@@ -28,6 +28,7 @@ from qlora_recipes import data as data_mod
 from qlora_recipes import models, plan, rundir
 from qlora_recipes.errors import RecipeError
 from qlora_recipes.materialize import from_pretrained_kwargs, torch_dtype, trainer_config
+from qlora_recipes.report import fmt
 from qlora_recipes.resolve import Resolved
 from qlora_recipes.schema import RecipeConfig, TrainerKind
 
@@ -185,7 +186,7 @@ def evaluate_run(run_dir: Path, samples: int | None = None) -> dict[str, Any]:
 
 def reload_difference(trained: Trained, run_dir: Path) -> float | None:
     """Largest |logit difference| between the weights loaded here and the model at the end of training, on
-    the sequence training recorded (runner.save_probe); None for runs without a record (DPO, older runs)."""
+    the sequence training recorded (runner.save_probe); None for runs without a record (DPO/ORPO, older runs)."""
     import torch
 
     from qlora_recipes import runner
@@ -231,9 +232,6 @@ def on_cpu() -> bool:
 
 
 def eval_markdown(result: dict[str, Any], table: str) -> str:
-    def fmt(value: Any, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
-
     b, a = result["before"], result["after"]
     dpo = result["trainer"] == "dpo"
     rows = [("eval loss", "loss", ".4f")]

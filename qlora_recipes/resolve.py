@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from qlora_recipes import plan
 from qlora_recipes.errors import RecipeError
 from qlora_recipes.schema import (
     Attention,
@@ -167,7 +168,7 @@ def auto_dist(recipe: RecipeConfig, device: Device, notes: list[str]) -> RecipeC
             "trainer.micro_batch_size or trainer.max_seq_len, or trainer.gradient_checkpointing=true"
         )
     sharded = memory.estimate(recipe, shape, shards=processes)
-    if recipe.template.add_tokens and recipe.lora.enabled and recipe.lora.train_new_tokens:
+    if plan.trains_new_token_rows(recipe):
         # FSDP v1 cannot shard trainable new-token rows (validate says why); ZeRO-3 can
         notes.append(
             f"dist auto -> zero3: a whole model per GPU needs {whole.describe()}, over {budget:.0f} GiB, and the "
@@ -343,7 +344,7 @@ def validate(resolved: Resolved) -> None:
     )
     fsdp1 = backend is DistBackend.fsdp and r.dist.fsdp_version == 1
     need(
-        not (fsdp1 and tpl.add_tokens and lora.enabled and lora.train_new_tokens),
+        not (fsdp1 and plan.trains_new_token_rows(r)),
         "dist=fsdp with dist.fsdp_version=1 and trainable new-token rows: FSDP v1 (use_orig_params=false) cannot "
         "flatten the trainable rows with the frozen embedding they live in (measured on 2 GPUs, docs/gpu.md). "
         "Use dist.fsdp_version=2 (models with untied embeddings), set lora.train_new_tokens=false (the rows keep their initial values, as in the "
@@ -369,7 +370,7 @@ def validate(resolved: Resolved) -> None:
             "Use LoRA (lora=default): the reference is then the base with the adapter switched off",
         )
         need(
-            not (tpl.add_tokens and lora.train_new_tokens),
+            not plan.trains_new_token_rows(r),
             "trainer=dpo with trainable new-token rows: TRL's DPO computes log-probabilities from lm_head.weight "
             "directly, so trained rows on the head would be ignored. Set lora.train_new_tokens=false or use a "
             "template without new tokens (template.add_tokens=false)",

@@ -23,6 +23,7 @@ from qlora_recipes import data as data_mod
 from qlora_recipes import models, plan, plots, rundir
 from qlora_recipes.errors import Interrupted, RecipeError
 from qlora_recipes.materialize import from_pretrained_kwargs, lora_config, trainer_config
+from qlora_recipes.report import fmt
 from qlora_recipes.resolve import Resolved
 from qlora_recipes.schema import Backend, DistBackend, RecipeConfig, TaskMetric, TrainerKind
 from qlora_recipes.templates import tokenizer_changes
@@ -177,14 +178,10 @@ def refuse_fsdp2_tied_new_rows(recipe: RecipeConfig, checkpoint: str, new_token_
     inside accelerate's sharding of the embedding (`fully_shard`: "Invariant encountered"; seen on an H200 with
     accelerate 1.15 and torch 2.11, docs/distributed.md): said before the weights load, with the ways out."""
     dist = recipe.dist
-    if not (dist.backend is DistBackend.fsdp and dist.fsdp_version == 2 and new_token_ids):
+    fsdp2 = dist.backend is DistBackend.fsdp and dist.fsdp_version == 2
+    if not (fsdp2 and new_token_ids and plan.trains_new_token_rows(recipe)):
         return
-    if not (recipe.lora.enabled and recipe.lora.train_new_tokens):
-        return
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=recipe.model.trust_remote_code)
-    if getattr(config, "tie_word_embeddings", False):
+    if models.config_dict(recipe.model).get("tie_word_embeddings", False):
         raise RecipeError(
             "dist=fsdp with dist.fsdp_version=2 cannot train the template's new-token rows of a model with tied "
             f"input/output embeddings ({checkpoint}): accelerate's FSDP2 sharding of the embedding fails once PEFT "
@@ -544,7 +541,7 @@ def task_score(model: Any, tokenizer: Any, examples: list, recipe: RecipeConfig,
 
 
 def evaluate(trainer: Any) -> dict[str, float]:
-    """The trainer's eval metrics without the "eval_" prefix ({} without an eval split): loss, and for DPO
+    """The trainer's eval metrics without the "eval_" prefix ({} without an eval split): loss, and for DPO/ORPO
     rewards/margins and rewards/accuracies of the eval pairs."""
     if trainer.eval_dataset is None:
         return {}
@@ -710,7 +707,7 @@ def train_metrics(trainer: Any, result: Any) -> dict[str, Any]:
     # TRL's running count of real (unpadded) tokens, all ranks; the logged copies stop at the last log step
     tokens = getattr(trainer, "_total_train_tokens", max((h.get("num_tokens", 0) for h in history), default=0))
     runtime = result.metrics.get("train_runtime", 0.0)
-    preference = {  # DPO: the implicit reward of chosen minus rejected, and how often chosen wins
+    preference = {  # DPO/ORPO: the reward of chosen minus rejected, and how often chosen wins
         key: {"first": values[0], "last": values[-1]}
         for key in PREFERENCE_KEYS
         if (values := [h[key] for h in history if key in h and "loss" in h])
@@ -740,9 +737,6 @@ def samples_table(before: TaskScore | None, after: TaskScore) -> str:
 
 
 def print_summary(metrics: dict[str, Any], run_dir: Path, saved: Path | None) -> None:
-    def fmt(value: Any, spec: str = ".4f") -> str:
-        return "n/a" if value is None else format(value, spec)
-
     e, t = metrics["eval"], metrics["train"]
     lines = [
         "",

@@ -130,7 +130,7 @@ class DataFormat(Enum):
     text = "text"  # one plain text field (data.text_field)
     alpaca = "alpaca"  # instruction / input / output
     prompt_completion = "prompt_completion"
-    preference = "preference"  # prompt / chosen / rejected (strings, or lists of {role, content}): trainer=dpo
+    preference = "preference"  # prompt / chosen / rejected (strings, or lists of {role, content}): dpo, orpo
 
 
 class TaskMetric(Enum):
@@ -139,7 +139,7 @@ class TaskMetric(Enum):
 
 
 class DistBackend(Enum):
-    auto = "auto"  # resolved: single for one process, else ddp if a whole model fits on each GPU, else fsdp
+    auto = "auto"  # resolved: single for one process, else ddp if a whole model fits on each GPU, else sharded
     single = "single"  # one process, in the `run` process itself
     ddp = "ddp"  # one full model copy per process, gradients all-reduced (torchrun / accelerate launch)
     fsdp = "fsdp"  # PyTorch FSDP (v1): parameters, gradients and optimizer state sharded
@@ -263,11 +263,11 @@ class TrainerConfig:
     eval_before_train: bool = True  # eval loss of the untouched base, for the before/after summary
     task_eval_samples: int = 0  # held-out prompts scored with data.metric before and after
     max_new_tokens: int = 32
-    # DPO only
-    beta: float = 0.1  # how far the policy may move from the reference: lower = further
-    dpo_loss: DPOLoss = DPOLoss.sigmoid
-    max_prompt_len: Optional[int] = None  # DPO: pairs with a longer prompt (tokens) are dropped; None = no limit
-    max_completion_len: Optional[int] = None  # DPO: pairs with a longer chosen/rejected answer are dropped
+    # preference trainers (dpo, orpo)
+    beta: float = 0.1  # DPO: how far the policy may move from the reference (lower = further); ORPO: lambda
+    dpo_loss: DPOLoss = DPOLoss.sigmoid  # DPO only
+    max_prompt_len: Optional[int] = None  # pairs with a longer prompt (tokens) are dropped; None = no limit
+    max_completion_len: Optional[int] = None  # pairs with a longer chosen/rejected answer are dropped
     profile_steps: List[int] = field(default_factory=list)  # optimizer steps traced by torch.profiler (rank 0)
     save_final: bool = True  # write the adapter (or model) at the end; bench turns it off
 

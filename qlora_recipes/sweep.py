@@ -28,6 +28,7 @@ from typing import Any
 
 from qlora_recipes import plots
 from qlora_recipes.errors import Interrupted
+from qlora_recipes.report import fmt
 
 log = logging.getLogger("qlora_recipes")
 
@@ -214,9 +215,6 @@ def write_summary(sweep_dir: Path) -> list[dict[str, Any]]:
 
 
 def markdown(rows: list[dict[str, Any]], sweep_dir: Path, plot: Path | None, common: list[str]) -> str:
-    def num(value: Any, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
-
     lines = [
         f"# sweep {sweep_dir}",
         "",
@@ -231,9 +229,9 @@ def markdown(rows: list[dict[str, Any]], sweep_dir: Path, plot: Path | None, com
     for r in rows:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {' '.join((r['error'] or '').split())[:160]}"
         lines.append(
-            f"| {r['rank']} | {r['job']} | `{r['overrides']}` | {status.replace('|', '/')} | {num(r['eval_loss'], '.4f')} | "
-            f"{num(r['train_loss'], '.4f')} | {num(r['tokens_per_s'], '.0f')} | {num(r['peak_memory_gib'], '.2f')} | "
-            f"{num(r['wall_time_s'], '.0f')} |"
+            f"| {r['rank']} | {r['job']} | `{r['overrides']}` | {status.replace('|', '/')} | {fmt(r['eval_loss'], '.4f')} | "
+            f"{fmt(r['train_loss'], '.4f')} | {fmt(r['tokens_per_s'], '.0f')} | {fmt(r['peak_memory_gib'], '.2f')} | "
+            f"{fmt(r['wall_time_s'], '.0f')} |"
         )
     if plot is not None:
         lines += ["", f"![train loss per job]({plot.name})"]
