@@ -140,8 +140,6 @@ def training_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool =
         kwargs["eval_steps"] = t.eval_steps
     if t.liger:  # TRL keeps its own fused LM head, so Liger's fused cross-entropy stays off
         kwargs["use_liger_kernel"] = True
-    if t.torch_compile:
-        kwargs["torch_compile"] = True
     if t.gradient_checkpointing:
         kwargs["gradient_checkpointing_kwargs"] = {"use_reentrant": t.use_reentrant}
     if recipe.dist.backend is DistBackend.ddp and world_size(recipe) > 1:
@@ -214,6 +212,10 @@ def loads_on_own_gpu(recipe: RecipeConfig) -> bool:
     FSDP v1 and ZeRO-3, which load on CPU/meta and shard as they go. FSDP2 shards a loaded 4-bit model."""
     dist = recipe.dist
     return not shards_parameters(recipe) or (dist.backend is DistBackend.fsdp and dist.fsdp_version == 2)
+
+
+def zero3_leaf_blocks(recipe: RecipeConfig) -> bool:
+    return recipe.dist.zero3_leaf_blocks and recipe.dist.backend in (DistBackend.zero3, DistBackend.zero3_offload)
 
 
 def zero3_overrides(recipe: RecipeConfig) -> dict[str, int]:

@@ -350,6 +350,22 @@ def validate(resolved: Resolved) -> None:
         "Use dist.fsdp_version=2 (models with untied embeddings), set lora.train_new_tokens=false (the rows keep their initial values, as in the "
         "original), use a template without new tokens (template=tokenizer), or dist=zero3",
     )
+    need(
+        not (t.torch_compile and fsdp1),
+        "trainer.torch_compile=true with dist=fsdp (v1): compiling a block means tracing into FSDP v1's separate "
+        "units for every LoRA matrix inside it. Use dist.fsdp_version=2, dist=ddp or dist=zero3, or set "
+        "trainer.torch_compile=false",
+    )
+    need(
+        not (t.torch_compile and r.backend is Backend.unsloth),
+        "trainer.torch_compile=true with backend=unsloth: Unsloth patches the model with its own kernels. "
+        "Set trainer.torch_compile=false",
+    )
+    need(
+        not r.dist.zero3_leaf_blocks or backend in (DistBackend.zero3, DistBackend.zero3_offload),
+        f"dist.zero3_leaf_blocks=true with dist={backend.value}: it is a ZeRO-3 setting (how parameters are "
+        "fetched). Use dist=zero3 or set it false",
+    )
 
     # trainer kind and data shape
     dpo, pairs, kind = t.kind is TrainerKind.dpo, t.kind.on_pairs, t.kind.value

@@ -369,6 +369,46 @@ def setup_trainer(
     return trainer
 
 
+def decoder_blocks(model: Any) -> list[Any]:
+    """The model's repeated decoder blocks: modules of the classes transformers never splits across devices."""
+    names: set[str] = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or [])
+    return [module for module in model.modules() if type(module).__name__ in names]
+
+
+COMPILE_VARIANTS = 16  # recompile room per compiled block (see tune_blocks)
+
+
+def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
+    """Per-block speed settings, before accelerate wraps the model: `trainer.torch_compile` compiles each decoder
+    block in place (the blocks share one compiled graph; parameter names stay as they are), and
+    `dist.zero3_leaf_blocks` has ZeRO-3 fetch each block's parameters as one unit instead of hooking its submodules."""
+    if not (recipe.trainer.torch_compile or plan.zero3_leaf_blocks(recipe)):
+        return
+    blocks = decoder_blocks(model)
+    if not blocks:
+        raise RecipeError(
+            f"{type(model).__name__} names no decoder block class (_no_split_modules): trainer.torch_compile and "
+            "dist.zero3_leaf_blocks need one. Set them false"
+        )
+    if recipe.trainer.torch_compile:
+        import torch._dynamo
+
+        # Packed batches change length every step, and a block is entered with and without an attention mask and,
+        # under reentrant checkpointing, with and without grad: compile for any length at once and leave room for
+        # those few variants, which past dynamo's default of 8 would fall back to eager for the rest of the run.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_VARIANTS)
+        for block in blocks:
+            block.compile(dynamic=True)
+        log.info("torch.compile: %d %s blocks, compiled on the first step", len(blocks), type(blocks[0]).__name__)
+    if plan.zero3_leaf_blocks(recipe):
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, sorted({type(block) for block in blocks}, key=lambda cls: cls.__name__))
+        log.info("ZeRO-3: each %s fetched as one unit", type(blocks[0]).__name__)
+
+
 class StepClock:
     """Wall time and real (non-padding) tokens of every optimizer step, the GPU synchronised at both ends,
     so metrics.json can report a median step after warm-up (what `bench` reads)."""
@@ -803,6 +843,7 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
     model = setup_model(resolved, checkpoint, tokenizer, new_ids, wrap_adapter=not pairs)  # TRL wraps it
     peft_config = adapter_config(recipe, model, new_ids) if pairs else None
     trainer = setup_trainer(args, model, tokenizer, prepared, kind, peft_config)
+    tune_blocks(trainer.model, recipe)
     report = trainable_report(trainer.model)
     log_trainable(report)
 

@@ -7,7 +7,7 @@ import pytest
 
 from qlora_recipes import bench, cli
 from qlora_recipes.errors import RecipeError
-from qlora_recipes.schema import BenchShape
+from qlora_recipes.schema import BenchConfig, BenchShape
 
 
 def test_matmul_params_match_the_published_sizes():
@@ -88,6 +88,21 @@ def test_measure_leaves_out_warmup_and_profiled_steps():
     assert warning in bench.markdown([steady, m], {"recipe": "r", "shape": "tiny", "device": "cpu"})
 
 
+def test_loss_gap_is_the_largest_relative_gap_over_shared_steps():
+    base = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.0}, {"step": 3, "loss": 0.5}]
+    curve = [{"step": 1, "loss": 2.01}, {"step": 2, "loss": 0.98}, {"step": 4, "loss": 9.0}]  # step 4: base has none
+    assert bench.loss_gap(curve, base) == pytest.approx(0.02)
+    assert bench.loss_gap(base, base) == 0.0
+    assert bench.loss_gap([{"step": 9, "loss": 1.0}], base) is None
+
+
+def test_default_variants_are_the_plain_flow_and_the_optimized_one():
+    variants = bench.parse_variants(BenchConfig().variants)
+    assert list(variants) == ["plain", "optimized"]
+    assert "trainer.torch_compile=false" in variants["plain"] and "trainer.liger=false" in variants["plain"]
+    assert "trainer.torch_compile=true" in variants["optimized"]
+
+
 def test_bench_runs_each_variant_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "bench"
     args = [
@@ -116,5 +131,6 @@ def test_bench_runs_each_variant_and_writes_the_table(tmp_path, capsys):
     assert "r: 4" in recipe and "name_or_path: " + str(bench.checkpoint(BenchShape.tiny)) in recipe
     table = (out / "bench.md").read_text()
     assert "| plain | 1 |" in table and "| r4 | 1 |" in table and "`lora.r=4`" in table
+    assert "| 0.00% | `(recipe)` |" in table  # the baseline against itself
     assert "tokens/s per GPU" in capsys.readouterr().out
     assert cli.main(args) == 2  # an existing bench dir is never overwritten

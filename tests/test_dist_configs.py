@@ -147,6 +147,8 @@ def test_zero3_fetch_settings_replace_accelerates_auto(recipe_of):
         (("dist=zero3", "dist.machine_rank=1"), GPUS, "machine_rank=1"),
         (("dist=fsdp",), GPUS, "lora.train_new_tokens=false"),
         (("dist=fsdp", "dist.fsdp_version=3"), GPUS, "fsdp_version=3"),
+        (("dist=fsdp", "lora.train_new_tokens=false", "trainer.torch_compile=true"), GPUS, "FSDP v1's separate units"),
+        (("dist=ddp", "dist.zero3_leaf_blocks=true"), GPUS, "it is a ZeRO-3 setting"),
     ],
 )
 def test_sharded_qlora_rules(recipe_of, overrides, device, message):
