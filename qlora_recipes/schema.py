@@ -255,7 +255,7 @@ class TrainerConfig:
     use_reentrant: bool = False
     liger: bool = False  # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA, SFT; liger-kernel installed)
     # torch.compile each decoder block in place (one compile serves all the identical blocks): fewer, fused
-    # kernels and far less Python per step; the first step compiles (~1 min on a GPU)
+    # kernels and far less Python per step; the first steps compile (~2 min on a 7B shape, docs/performance.md)
     torch_compile: bool = False
     precision: Precision = Precision.auto
     logging_steps: int = 5

@@ -2,8 +2,10 @@
 
 import pytest
 import torch
+from torch._logging._internal import log_state
 
 from qlora_recipes.errors import RecipeError
+from qlora_recipes.resolve import Device
 from qlora_recipes.runner import COMPILE_VARIANTS, decoder_blocks, setup_model, setup_tokenizer, tune_blocks
 
 
@@ -50,6 +52,7 @@ def test_compiled_blocks_share_one_graph_and_train_like_eager(recipe_of, tiny_ch
     loss_and_grads(model, length=40)  # packed batches change length every step: still the same graph
     assert counters["stats"]["unique_graphs"] == 1
     assert torch._dynamo.config.recompile_limit >= COMPILE_VARIANTS
+    assert log_state.is_artifact_enabled("recompiles")  # a stalled step's recompile is explained in the log
     assert [n for n, _ in model.named_parameters()] == names
     assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
     assert grads.keys() == eager_grads.keys() and len(grads) == 28
@@ -61,3 +64,17 @@ def test_tune_blocks_names_what_it_cannot_find(recipe_of):
     recipe = recipe_of("trainer.torch_compile=true").recipe
     with pytest.raises(RecipeError, match="names no decoder block class"):
         tune_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)), recipe)
+
+
+def test_zero3_leaf_blocks_mark_each_decoder_block(recipe_of, tiny_checkpoint):
+    """DeepSpeed fetches a leaf module's parameters as one unit: every decoder block, nothing else."""
+    ds_utils = pytest.importorskip("deepspeed.utils")  # the `deepspeed` extra; CUDA machines have it
+    _, model = tiny_model(recipe_of, tiny_checkpoint, "quant=none")
+    gpus = Device(kind="cuda", count=2, bf16=True)  # ZeRO-3 recipes resolve only for CUDA machines
+    leaf = ("model=tiny_llama", "quant=none", "trainer.batch_size=16", "dist=zero3", "dist.zero3_leaf_blocks=true")
+    recipe = recipe_of(*leaf, device=gpus).recipe
+    tune_blocks(model, recipe)
+    blocks = decoder_blocks(model)
+    assert len(blocks) == 2 and all(ds_utils.z3_leaf_module(block) for block in blocks)
+    assert sum(ds_utils.z3_leaf_module(m) for m in model.modules()) == 2
+    assert all(b._compiled_call_impl is None for b in blocks)  # trainer.torch_compile is off
