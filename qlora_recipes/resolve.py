@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -42,6 +43,9 @@ class Device:
     bf16: bool = False  # the GPU computes in bfloat16 natively
     flash_attn: bool = False  # the flash-attn package is importable
     memory_gib: float = 0.0  # total memory of the smallest visible GPU
+    compiler: bool = (
+        True  # a C/C++ compiler is on PATH: torch.compile builds its kernels (and Triton's launchers) with it
+    )
 
     def describe(self) -> str:
         if self.kind == "cpu":
@@ -49,16 +53,21 @@ class Device:
         return f"{self.count} CUDA GPU(s), bf16 {'yes' if self.bf16 else 'no'}"
 
 
+def has_compiler() -> bool:
+    return any(shutil.which(name) for name in (os.environ.get("CXX"), "g++", "clang++", "c++") if name)
+
+
 def probe_device() -> Device:
     """What this machine trains on. Cheap on machines without an NVIDIA driver (no torch import)."""
     if not Path("/proc/driver/nvidia").exists() or os.environ.get("CUDA_VISIBLE_DEVICES") == "":
-        return Device()
+        return Device(compiler=has_compiler())
     import torch
 
     if not torch.cuda.is_available():
-        return Device()
+        return Device(compiler=has_compiler())
     count = torch.cuda.device_count()
     return Device(
+        compiler=has_compiler(),
         kind="cuda",
         count=count,
         bf16=torch.cuda.is_bf16_supported(),
@@ -349,6 +358,11 @@ def validate(resolved: Resolved) -> None:
         "flatten the trainable rows with the frozen embedding they live in (measured on 2 GPUs, docs/gpu.md). "
         "Use dist.fsdp_version=2 (models with untied embeddings), set lora.train_new_tokens=false (the rows keep their initial values, as in the "
         "original), use a template without new tokens (template=tokenizer), or dist=zero3",
+    )
+    need(
+        not t.torch_compile or device.compiler,
+        "trainer.torch_compile=true needs a C/C++ compiler on PATH (g++, clang++, c++ or $CXX): torch.compile builds "
+        "its kernels with it. Install one (e.g. apt install g++) or set trainer.torch_compile=false",
     )
     need(
         not (t.torch_compile and fsdp1),

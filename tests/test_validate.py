@@ -21,6 +21,7 @@ GPU = Device(kind="cuda", count=1, bf16=True)
         (("backend=unsloth",), GPU, "unsloth package is not installed"),
         (("backend=unsloth", "dist.num_processes=2", "trainer.batch_size=16"), GPU, "single process"),
         (("model.attn_implementation=flash_attention_2",), GPU, "flash-attn is not installed"),
+        (("trainer.torch_compile=true",), Device(compiler=False), "needs a C/C++ compiler on PATH"),
         (("trainer.liger=true",), None, "Triton GPU kernels, used here for SFT on CUDA only"),
         (("trainer.liger=true",), GPU, "liger-kernel package is not installed"),
         (("+recipe=smollm2_dpo", "trainer.liger=true"), GPU, "SFT on CUDA only"),
@@ -74,3 +75,16 @@ def test_liger_reaches_the_trainer_config_when_installed(recipe_of, monkeypatch)
     recipe = recipe_of("trainer.liger=true", device=GPU).recipe
     assert plan.training_kwargs(recipe, "out")["use_liger_kernel"] is True
     assert "use_liger_kernel" not in plan.training_kwargs(recipe_of(device=GPU).recipe, "out")
+
+
+def test_compiler_probe_reads_path_and_cxx(tmp_path, monkeypatch):
+    from qlora_recipes.resolve import has_compiler
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CXX", raising=False)
+    assert not has_compiler()
+    tool = tmp_path / "my-cxx"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("CXX", "my-cxx")
+    assert has_compiler()
