@@ -43,9 +43,8 @@ class Device:
     bf16: bool = False  # the GPU computes in bfloat16 natively
     flash_attn: bool = False  # the flash-attn package is importable
     memory_gib: float = 0.0  # total memory of the smallest visible GPU
-    compiler: bool = (
-        True  # a C/C++ compiler is on PATH: torch.compile builds its kernels (and Triton's launchers) with it
-    )
+    # a C/C++ compiler is on PATH: torch.compile builds its kernels (and Triton's launchers) with it
+    compiler: bool = True
 
     def describe(self) -> str:
         if self.kind == "cpu":
@@ -67,12 +66,12 @@ def probe_device() -> Device:
         return Device(compiler=has_compiler())
     count = torch.cuda.device_count()
     return Device(
-        compiler=has_compiler(),
         kind="cuda",
         count=count,
         bf16=torch.cuda.is_bf16_supported(),
         flash_attn=importlib.util.find_spec("flash_attn") is not None,
         memory_gib=min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) / 2**30,
+        compiler=has_compiler(),
     )
 
 
