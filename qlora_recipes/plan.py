@@ -214,14 +214,18 @@ def loads_on_own_gpu(recipe: RecipeConfig) -> bool:
     return not shards_parameters(recipe) or (dist.backend is DistBackend.fsdp and dist.fsdp_version == 2)
 
 
+def is_zero3(recipe: RecipeConfig) -> bool:
+    return DEEPSPEED_STAGE.get(recipe.dist.backend) == 3
+
+
 def zero3_leaf_blocks(recipe: RecipeConfig) -> bool:
-    return recipe.dist.zero3_leaf_blocks and recipe.dist.backend in (DistBackend.zero3, DistBackend.zero3_offload)
+    return recipe.dist.zero3_leaf_blocks and is_zero3(recipe)
 
 
 def zero3_overrides(recipe: RecipeConfig) -> dict[str, int]:
     """Values for the DeepSpeed config's zero_optimization section that replace accelerate's "auto"."""
     dist = recipe.dist
-    if dist.backend not in (DistBackend.zero3, DistBackend.zero3_offload):
+    if not is_zero3(recipe):
         return {}
     chosen = {
         "stage3_param_persistence_threshold": dist.zero3_persistence_threshold,

@@ -58,12 +58,13 @@ def has_compiler() -> bool:
 
 def probe_device() -> Device:
     """What this machine trains on. Cheap on machines without an NVIDIA driver (no torch import)."""
+    compiler = has_compiler()
     if not Path("/proc/driver/nvidia").exists() or os.environ.get("CUDA_VISIBLE_DEVICES") == "":
-        return Device(compiler=has_compiler())
+        return Device(compiler=compiler)
     import torch
 
     if not torch.cuda.is_available():
-        return Device(compiler=has_compiler())
+        return Device(compiler=compiler)
     count = torch.cuda.device_count()
     return Device(
         kind="cuda",
@@ -71,7 +72,7 @@ def probe_device() -> Device:
         bf16=torch.cuda.is_bf16_supported(),
         flash_attn=importlib.util.find_spec("flash_attn") is not None,
         memory_gib=min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) / 2**30,
-        compiler=has_compiler(),
+        compiler=compiler,
     )
 
 
@@ -337,7 +338,7 @@ def validate(resolved: Resolved) -> None:
             f"dist={backend.value} with 8-bit weights: bitsandbytes int8 weights cannot be sharded or driven by "
             "DeepSpeed. Use quant=nf4 (with quant.storage_dtype equal to the compute dtype) or dist=ddp",
         )
-    if backend in (DistBackend.fsdp, DistBackend.zero3, DistBackend.zero3_offload) and q.load_in_4bit:
+    if plan.shards_parameters(r) and q.load_in_4bit:
         need(
             q.storage_dtype.value == q.compute_dtype.value == r.model.dtype.value,
             f"dist={backend.value} with 4-bit weights: FSDP/ZeRO-3 flatten and shard the packed 4-bit tensors "
@@ -375,7 +376,7 @@ def validate(resolved: Resolved) -> None:
         "Set trainer.torch_compile=false",
     )
     need(
-        not r.dist.zero3_leaf_blocks or backend in (DistBackend.zero3, DistBackend.zero3_offload),
+        not r.dist.zero3_leaf_blocks or plan.is_zero3(r),
         f"dist.zero3_leaf_blocks=true with dist={backend.value}: it is a ZeRO-3 setting (how parameters are "
         "fetched). Use dist=zero3 or set it false",
     )

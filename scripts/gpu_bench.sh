@@ -28,21 +28,14 @@ while IFS= read -r line; do
   } > "$OUT/$name.txt"
 done <<< "${VARIANTS:-plain}"
 python3 - /tmp/benchjson <<'PY' | tee -a "$OUT/cards.txt"
+# one table over the variants' separate bench runs, written by bench's own markdown(), the first as baseline
 import glob, json, os, sys
-from qlora_recipes.bench import loss_gap
-rows = []
+from qlora_recipes.bench import Measured, markdown
+header, rows = None, []
 for path in sorted(glob.glob(f"{sys.argv[1]}/*.json"), key=os.path.getmtime):
     b = json.load(open(path))
-    rows += [(b, r) for r in b["results"]]
+    header = header or {key: value for key, value in b.items() if key != "results"}
+    rows += [Measured(**r) for r in b["results"]]
 if rows:
-    print(f"{rows[0][0]['device']}; {rows[0][0]['versions']}\n")
-    print("| variant | procs | tokens/s/GPU | vs first | step s | MFU | alloc GiB | reserved GiB | loss first->last | loss gap vs first |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    base, base_curve = rows[0][1]["tokens_per_s_per_gpu"], rows[0][1]["loss_curve"]
-    f = lambda v, spec: "n/a" if v is None else format(v, spec)
-    for b, r in rows:
-        print(f"| {r['name']} | {r['processes']} | {r['tokens_per_s_per_gpu']:,.0f} | {r['tokens_per_s_per_gpu']/base:.2f}x | "
-              f"{r['median_step_s']:.3f} | {f(r['mfu'], '.1%')} | {f(r['peak_allocated_gib'], '.2f')} | "
-              f"{f(r['peak_reserved_gib'], '.2f')} | {f(r['first_loss'], '.4f')} -> {f(r['last_loss'], '.4f')} | "
-              f"{f(loss_gap(r['loss_curve'], base_curve), '.2%')} |")
+    print(markdown(rows, {**header, "overrides": "COMMON, then each variant's own (one bench run per variant)"}))
 PY
