@@ -147,6 +147,11 @@ def training_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool =
     return kwargs
 
 
+def allocator_settings(recipe: RecipeConfig, on_cuda: bool) -> str | None:
+    """The CUDA caching allocator's settings for this run (PYTORCH_ALLOC_CONF syntax), None to leave them."""
+    return "expandable_segments:True" if recipe.trainer.expandable_segments and on_cuda else None
+
+
 def logger_env(recipe: RecipeConfig, run_dir: str | Path) -> tuple[dict[str, str], dict[str, str]]:
     """(set for this run, defaults the user's environment may override) for the chosen logger. TensorBoard
     writes in the run dir; MLflow to a local SQLite store runs/mlflow.db (no server, no network); wandb

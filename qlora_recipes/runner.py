@@ -301,6 +301,20 @@ def model_loss_trainer_class() -> type:
     return ModelLossSFTTrainer
 
 
+def set_allocator(resolved: Resolved) -> None:
+    """Apply the recipe's CUDA allocator settings before the model's memory is allocated. The device probe has
+    already started CUDA in this process, so the environment variable would come too late: torch's runtime
+    setter applies them to every segment allocated from here on."""
+    settings = plan.allocator_settings(resolved.recipe, on_cuda=resolved.device.kind == "cuda")
+    if settings is None:
+        return
+    import torch
+
+    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
+    setter(settings)
+    log.info("CUDA allocator: %s", settings)
+
+
 def setup_args(resolved: Resolved, run_dir: Path) -> Any:
     """SFTConfig or DPOConfig, built before the model loads: creating it sets each process's GPU and, under ZeRO-3,
     registers the DeepSpeed config that makes from_pretrained partition the weights as they load."""
@@ -489,7 +503,32 @@ class StepProfiler:
             (self.out / f"ops_by_{kind}.txt").write_text(
                 averages.table(sort_by=f"self_{kind}_time_total", row_limit=40)
             )
+        spans = [(e.time_range.start, e.time_range.end, e.device_type.name) for e in profiler.events()]
+        busy = gpu_busy(spans)
+        (self.out / "gpu_busy.json").write_text(json.dumps(busy, indent=2))
+        log.info("profiled steps: %s", json.dumps(busy))
         log.info("profile of steps %s written to %s", self.steps, self.out)
+
+
+def gpu_busy(spans: list[tuple[float, float, str]]) -> dict[str, float | int | None]:
+    """Wall time of the traced steps and how much of it the GPU was running a kernel (the union of the device
+    spans), from profiler events as (start us, end us, device type name). A busy fraction well under 1 is a step
+    that waits on the host (Python, launches, syncs)."""
+    if not spans:
+        return {"wall_ms": 0.0, "gpu_busy_ms": None, "gpu_busy_fraction": None, "kernels": 0}
+    wall = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
+    device = sorted((start, end) for start, end, kind in spans if kind != "CPU")
+    busy, reach = 0.0, float("-inf")
+    for start, end in device:  # union of possibly overlapping intervals
+        if end > reach:
+            busy += end - max(start, reach)
+            reach = end
+    return {
+        "wall_ms": wall / 1e3,
+        "gpu_busy_ms": busy / 1e3 if device else None,
+        "gpu_busy_fraction": busy / wall if device and wall else None,
+        "kernels": len(device),
+    }
 
 
 class GracefulStop:
@@ -843,6 +882,7 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
     tokenizer, new_ids = setup_tokenizer(recipe, checkpoint)
     prepared = data_mod.prepare(recipe, tokenizer)  # data errors surface before the weights load
     log.info("data: %s", json.dumps(prepared.stats))
+    set_allocator(resolved)
     args = setup_args(resolved, run_dir)
     kind = recipe.trainer.kind
     dpo, pairs = kind is TrainerKind.dpo, kind.on_pairs

@@ -257,6 +257,9 @@ class TrainerConfig:
     # torch.compile each decoder block in place (one compile serves all the identical blocks): fewer, fused
     # kernels and far less Python per step; the first steps compile (~2 min on a 7B shape, docs/performance.md)
     torch_compile: bool = False
+    # PyTorch's expandable-segments CUDA allocator: segments grow in place instead of new blocks being cut for
+    # each size, so reserved memory stays near allocated (less fragmentation under changing packed lengths)
+    expandable_segments: bool = False
     precision: Precision = Precision.auto
     logging_steps: int = 5
     eval_strategy: Strategy = Strategy.epoch

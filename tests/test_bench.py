@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from qlora_recipes import bench, cli
+from qlora_recipes import bench, cli, runner
 from qlora_recipes.errors import RecipeError
 from qlora_recipes.schema import BenchConfig, BenchShape
 
@@ -126,6 +126,8 @@ def test_bench_runs_each_variant_and_writes_the_table(tmp_path, capsys):
         assert [s["step"] for s in metrics["train"]["step_times"]] == [1, 2, 3, 4]  # warm-up, 2 measured, profiled
         assert all(s["tokens"] > 0 for s in metrics["train"]["step_times"])
         assert (out / result["name"] / "profile" / "ops_by_cpu.txt").is_file()
+        busy = json.loads((out / result["name"] / "profile" / "gpu_busy.json").read_text())
+        assert busy["wall_ms"] > 0 and busy["kernels"] == 0 and busy["gpu_busy_fraction"] is None  # CPU: no kernels
         assert not (out / result["name"] / "adapter").exists()  # bench saves nothing
     recipe = (out / "r4" / "recipe.yaml").read_text()
     assert "r: 4" in recipe and "name_or_path: " + str(bench.checkpoint(BenchShape.tiny)) in recipe
@@ -134,3 +136,10 @@ def test_bench_runs_each_variant_and_writes_the_table(tmp_path, capsys):
     assert "| 0.00% | `(recipe)` |" in table  # the baseline against itself
     assert "tokens/s per GPU" in capsys.readouterr().out
     assert cli.main(args) == 2  # an existing bench dir is never overwritten
+
+
+def test_gpu_busy_is_the_union_of_kernel_spans_over_the_wall():
+    spans = [(0.0, 10_000.0, "CPU"), (1_000.0, 3_000.0, "CUDA"), (2_000.0, 4_000.0, "CUDA"), (6_000.0, 7_000.0, "CUDA")]
+    busy = runner.gpu_busy(spans)  # kernels 1-3 ms and 2-4 ms overlap: 3 ms, then 1 ms, of a 10 ms wall
+    assert busy == {"wall_ms": 10.0, "gpu_busy_ms": 4.0, "gpu_busy_fraction": 0.4, "kernels": 3}
+    assert runner.gpu_busy([(0.0, 5.0, "CPU")])["gpu_busy_fraction"] is None

@@ -236,3 +236,10 @@ def test_attention_choice(recipe_of, device, requested, expected):
 def test_torch_compile_is_ours_not_the_trainers(recipe_of):
     """The runner compiles the decoder blocks (tune_blocks); the Trainer's whole-model compile stays off."""
     assert "torch_compile" not in plan.training_kwargs(recipe_of("trainer.torch_compile=true").recipe, "out")
+
+
+def test_expandable_segments_only_when_asked_and_on_cuda(recipe_of):
+    asked = recipe_of("trainer.expandable_segments=true").recipe
+    assert plan.allocator_settings(asked, on_cuda=True) == "expandable_segments:True"
+    assert plan.allocator_settings(asked, on_cuda=False) is None  # no CUDA allocator to set
+    assert plan.allocator_settings(recipe_of().recipe, on_cuda=True) is None  # torch's default allocator
