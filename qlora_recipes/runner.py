@@ -301,18 +301,21 @@ def model_loss_trainer_class() -> type:
     return ModelLossSFTTrainer
 
 
-def set_allocator(resolved: Resolved) -> None:
-    """Apply the recipe's CUDA allocator settings before the model's memory is allocated. The device probe has
-    already started CUDA in this process, so the environment variable would come too late: torch's runtime
-    setter applies them to every segment allocated from here on."""
-    settings = plan.allocator_settings(resolved.recipe, on_cuda=resolved.device.kind == "cuda")
-    if settings is None:
-        return
+def set_cuda_runtime(resolved: Resolved) -> None:
+    """The recipe's process-wide CUDA settings, before the model's memory is allocated and its blocks compiled:
+    the caching allocator's (the device probe has already started CUDA in this process, so the environment
+    variable would come too late: torch's runtime setter applies them to every segment allocated from here on)
+    and whether sdpa may pick its cuDNN kernel."""
     import torch
 
-    setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None) or torch.cuda.memory._set_allocator_settings
-    setter(settings)
-    log.info("CUDA allocator: %s", settings)
+    if not resolved.recipe.trainer.cudnn_attention:
+        torch.backends.cuda.enable_cudnn_sdp(False)
+        log.info("sdpa: cuDNN attention off (flash / memory-efficient kernels)")
+    settings = plan.allocator_settings(resolved.recipe, on_cuda=resolved.device.kind == "cuda")
+    if settings is not None:
+        setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+        (setter or torch.cuda.memory._set_allocator_settings)(settings)
+        log.info("CUDA allocator: %s", settings)
 
 
 def setup_args(resolved: Resolved, run_dir: Path) -> Any:
@@ -882,7 +885,7 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
     tokenizer, new_ids = setup_tokenizer(recipe, checkpoint)
     prepared = data_mod.prepare(recipe, tokenizer)  # data errors surface before the weights load
     log.info("data: %s", json.dumps(prepared.stats))
-    set_allocator(resolved)
+    set_cuda_runtime(resolved)
     args = setup_args(resolved, run_dir)
     kind = recipe.trainer.kind
     dpo, pairs = kind is TrainerKind.dpo, kind.on_pairs

@@ -260,6 +260,10 @@ class TrainerConfig:
     # PyTorch's expandable-segments CUDA allocator: segments grow in place instead of new blocks being cut for
     # each size, so reserved memory stays near allocated (less fragmentation under changing packed lengths)
     expandable_segments: bool = False
+    # PyTorch's cuDNN kernel for sdpa attention. It is fast on the GPU, but with packed sequences (a block-diagonal
+    # mask of a new length every batch) it spends ~1 ms of host time a call planning; false leaves sdpa to its
+    # flash / memory-efficient kernels (docs/performance.md)
+    cudnn_attention: bool = True
     precision: Precision = Precision.auto
     logging_steps: int = 5
     eval_strategy: Strategy = Strategy.epoch

@@ -243,3 +243,18 @@ def test_expandable_segments_only_when_asked_and_on_cuda(recipe_of):
     assert plan.allocator_settings(asked, on_cuda=True) == "expandable_segments:True"
     assert plan.allocator_settings(asked, on_cuda=False) is None  # no CUDA allocator to set
     assert plan.allocator_settings(recipe_of().recipe, on_cuda=True) is None  # torch's default allocator
+
+
+def test_cudnn_attention_off_is_applied_process_wide(recipe_of):
+    import torch
+
+    from qlora_recipes import runner
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        runner.set_cuda_runtime(recipe_of("trainer.cudnn_attention=false"))
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    runner.set_cuda_runtime(recipe_of())  # the default leaves torch's choice alone
+    assert torch.backends.cuda.cudnn_sdp_enabled()
