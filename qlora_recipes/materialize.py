@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qlora_recipes import plan
+from qlora_recipes import attention, plan
 from qlora_recipes.errors import RecipeError
 from qlora_recipes.resolve import Resolved
 from qlora_recipes.schema import RecipeConfig, TrainerKind
@@ -62,6 +62,8 @@ def trainer_config(recipe: RecipeConfig, kwargs: dict[str, Any]) -> Any:
 def from_pretrained_kwargs(resolved: Resolved) -> dict[str, Any]:
     kwargs = plan.model_kwargs(resolved.recipe)
     kwargs["dtype"] = torch_dtype(kwargs["dtype"])
+    if kwargs["attn_implementation"] == attention.NAME:
+        attention.register()  # transformers accepts only registered names
     quant = bnb_config(plan.bnb_kwargs(resolved.recipe))
     if quant is not None:
         kwargs["quantization_config"] = quant

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from qlora_recipes import plan
+from qlora_recipes import attention, plan
 from qlora_recipes.errors import RecipeError
 from qlora_recipes.schema import (
     Attention,
@@ -328,6 +328,22 @@ def validate(resolved: Resolved) -> None:
         "model.attn_implementation=flash_attention_2 but flash-attn is not installed (or no GPU): "
         "pip install flash-attn on a CUDA machine, or use model.attn_implementation=sdpa",
     )
+    if r.model.attn_implementation is Attention.varlen:
+        need(
+            device.kind == "cuda" and attention.available(),
+            "model.attn_implementation=varlen runs torch's flash-attention varlen kernel: it needs a CUDA GPU and "
+            "torch >= 2.10. Use model.attn_implementation=sdpa",
+        )
+        need(
+            t.packing and t.kind is TrainerKind.sft,
+            "model.attn_implementation=varlen attends within each packed sequence from the boundaries that padding-free "
+            "packing sends with the batch: it needs trainer.packing=true (SFT); without them every batch would fall "
+            "back to sdpa. Use model.attn_implementation=sdpa",
+        )
+        need(
+            t.precision in (Precision.bf16, Precision.fp16),
+            "model.attn_implementation=varlen: flash attention computes in bf16 or fp16; set trainer.precision=bf16",
+        )
 
     # distributed backends
     backend = r.dist.backend

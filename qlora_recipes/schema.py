@@ -40,6 +40,7 @@ class Attention(Enum):
     sdpa = "sdpa"
     eager = "eager"
     flash_attention_2 = "flash_attention_2"
+    varlen = "varlen"  # packed sequences through torch's flash-attention varlen kernel (attention.py; CUDA, packing)
 
 
 class QuantType(Enum):

@@ -1,0 +1,86 @@
+"""`model.attn_implementation=varlen`: packed sequences through PyTorch's own flash-attention varlen kernel.
+
+Padding-free packing (TRL's collator under `trainer.packing=true`) concatenates a micro-batch's sequences into
+one row and sends their boundaries with it (`cu_seq_lens_q/k`, `max_length_q/k`, computed on the CPU). sdpa
+cannot use them: it attends through a block-diagonal mask of the whole row, which either sends it to the cuDNN
+kernel (~1 ms of host-side planning a call at a new length) or to the memory-efficient kernel (~4x the GPU time
+of flash on the 7B shape; docs/performance.md). `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA)
+runs flash attention over each sequence of the row, no mask, causal within each.
+
+Registered with transformers as the attention implementation "varlen"; batches without boundaries (evaluation
+without packing, generation) and tensors off CUDA (a trained adapter evaluated on the CPU) go through
+transformers' sdpa, with sdpa's mask.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+NAME = "varlen"
+
+
+def available() -> bool:
+    """torch ships the varlen kernel (2.10 and later)."""
+    import importlib.util
+
+    return importlib.util.find_spec("torch.nn.attention.varlen") is not None
+
+
+def kernel_options(kernel: Any, scale: float | None, groups: int) -> tuple[dict[str, Any], bool]:
+    """Keywords for this torch's `varlen_attn` (causal is `is_causal=True` in 2.10, `window_size=(-1, 0)` later),
+    and whether the key/value heads must be repeated for grouped-query attention (no `enable_gqa` before 2.13)."""
+    params = inspect.signature(kernel).parameters
+    options: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if scale is not None:
+        options["scale"] = scale
+    gqa = groups > 1 and "enable_gqa" in params
+    if gqa:
+        options["enable_gqa"] = True
+    return options, groups > 1 and not gqa
+
+
+def packed_attention(query: Any, key: Any, value: Any, bounds: dict[str, Any], scale: Any, kernel: Any) -> Any:
+    """Causal attention within each sequence of one packed row: (1, heads, tokens, head_dim) tensors in,
+    (1, tokens, heads, head_dim) out, through `kernel` (varlen_attn's contract) with the collator's boundaries."""
+    groups = query.shape[1] // key.shape[1]
+    options, repeat = kernel_options(kernel, scale, groups)
+    if repeat:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+    cu_q, cu_k, max_q, max_k = (bounds[name] for name in BOUNDS)
+    return kernel(q, k, v, cu_q, cu_k, max_q, max_k, **options).unsqueeze(0)
+
+
+BOUNDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # what TRL's padding-free collator adds
+
+
+def varlen_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: Any = None,
+    **kwargs,
+) -> tuple[Any, None]:
+    """transformers' attention-function contract: query/key/value (batch, heads, tokens, head_dim) in, output
+    (batch, tokens, heads, head_dim) out. A padding-free batch is one row, cut at its sequences' boundaries."""
+    packed = all(kwargs.get(name) is not None for name in BOUNDS) and query.shape[0] == 1
+    if not packed or dropout or not query.is_cuda:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+    from torch.nn.attention.varlen import varlen_attn
+
+    return packed_attention(query, key, value, kwargs, scaling, varlen_attn), None
+
+
+def register() -> None:
+    """Make "varlen" a valid `attn_implementation` (idempotent); its mask is sdpa's, for the sdpa fallback."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, varlen_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)

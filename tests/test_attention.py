@@ -1,0 +1,91 @@
+"""`model.attn_implementation=varlen` on the CPU: the packed-row plumbing (layouts, grouped-query heads, scale,
+causality within each sequence) against attention written out with an explicit mask, through stand-in kernels
+of both torch signatures; and the registered implementation inside a model (its CPU fallback is sdpa).
+The real kernel (CUDA) is compared with sdpa in tests/test_gpu.py."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from qlora_recipes import attention
+
+LENGTHS = (5, 3, 8)  # three sequences packed into one row of 16 tokens
+
+
+def segment_attention(q, k, v, cu, scale, gqa):
+    """varlen_attn's semantics, one sequence at a time: (tokens, heads, head_dim) in and out."""
+    out = []
+    for start, end in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
+        qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
+        out.append(
+            F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa).transpose(0, 1)
+        )
+    return torch.cat(out)
+
+
+def kernel_after_2_10(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), scale=None, enable_gqa=False):
+    assert tuple(window_size) == (-1, 0) and torch.equal(cu_q, cu_k) and max_q == max(LENGTHS)
+    return segment_attention(q, k, v, cu_q, scale, enable_gqa)
+
+
+def kernel_2_10(q, k, v, cu_q, cu_k, max_q, max_k, *, return_aux=None, is_causal=False, scale=None):
+    assert is_causal and q.shape[1] == k.shape[1]  # no enable_gqa here: the heads arrive repeated
+    return segment_attention(q, k, v, cu_q, scale, False)
+
+
+def written_out(query, key, value, scale):
+    """(1, heads, tokens, dim) attention with the block-diagonal causal mask spelt out."""
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    segment = torch.cat([torch.full((n,), i) for i, n in enumerate(LENGTHS)])
+    tokens = torch.arange(len(segment))
+    allowed = (segment[:, None] == segment[None, :]) & (tokens[None, :] <= tokens[:, None])
+    scores = (query @ key.transpose(-1, -2)) * scale
+    out = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ value
+    return out.transpose(1, 2)  # (1, tokens, heads, dim)
+
+
+@pytest.mark.parametrize("kernel", [kernel_after_2_10, kernel_2_10])
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_packed_row_attends_causally_within_each_sequence(kernel, kv_heads):
+    torch.manual_seed(0)
+    tokens, dim = sum(LENGTHS), 8
+    query = torch.randn(1, 4, tokens, dim)
+    key, value = torch.randn(1, kv_heads, tokens, dim), torch.randn(1, kv_heads, tokens, dim)
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    bounds = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(LENGTHS), "max_length_k": max(LENGTHS)}
+    scale = 0.7 / math.sqrt(dim)  # not the default, so a dropped scale shows
+    out = attention.packed_attention(query, key, value, bounds, scale, kernel)
+    assert out.shape == (1, tokens, 4, dim)
+    torch.testing.assert_close(out, written_out(query, key, value, scale))
+
+
+def test_options_follow_the_kernel_signature():
+    assert attention.kernel_options(kernel_after_2_10, None, 4) == ({"window_size": (-1, 0), "enable_gqa": True}, False)
+    assert attention.kernel_options(kernel_2_10, 0.5, 4) == ({"is_causal": True, "scale": 0.5}, True)
+    assert attention.kernel_options(kernel_2_10, None, 1) == ({"is_causal": True}, False)
+
+
+def test_registered_implementation_loads_and_falls_back_to_sdpa_off_cuda(tiny_checkpoint):
+    from transformers import AutoModelForCausalLM
+
+    attention.register()
+    models = {
+        name: AutoModelForCausalLM.from_pretrained(
+            tiny_checkpoint, attn_implementation=name, dtype=torch.float32
+        ).eval()
+        for name in ("sdpa", attention.NAME)
+    }
+    assert models[attention.NAME].config._attn_implementation == attention.NAME
+    position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None]
+    input_ids = torch.randint(3, 100, position_ids.shape)
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    bounds = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(LENGTHS), "max_length_k": max(LENGTHS)}
+    with torch.no_grad():
+        logits = {
+            name: model(input_ids=input_ids, position_ids=position_ids, **bounds).logits
+            for name, model in models.items()
+        }
+    torch.testing.assert_close(logits[attention.NAME], logits["sdpa"])
