@@ -40,14 +40,34 @@ def kernel_options(kernel: Any, scale: float | None, groups: int) -> tuple[dict[
     return options, groups > 1 and not gqa
 
 
-def packed_attention(query: Any, key: Any, value: Any, bounds: dict[str, Any], scale: Any, kernel: Any) -> Any:
+def compute_dtype(query: Any) -> Any:
+    """Flash attention runs in bf16/fp16. A QLoRA block hands it float32 queries (k-bit preparation keeps the norms
+    in float32) under bf16 autocast, which the kernel, a custom op, does not see: cast to autocast's dtype, as sdpa
+    is cast by autocast itself."""
+    import torch
+
+    if query.dtype in (torch.bfloat16, torch.float16):
+        return query.dtype
+    device = query.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    raise ValueError(
+        f"model.attn_implementation=varlen: flash attention needs bf16 or fp16, got {query.dtype} outside autocast; "
+        "train with trainer.precision=bf16"
+    )
+
+
+def packed_attention(
+    query: Any, key: Any, value: Any, bounds: dict[str, Any], scale: Any, kernel: Any, dtype: Any = None
+) -> Any:
     """Causal attention within each sequence of one packed row: (1, heads, tokens, head_dim) tensors in,
-    (1, tokens, heads, head_dim) out, through `kernel` (varlen_attn's contract) with the collator's boundaries."""
+    (1, tokens, heads, head_dim) out in `dtype`, through `kernel` (varlen_attn's contract) with the collator's
+    boundaries."""
     groups = query.shape[1] // key.shape[1]
     options, repeat = kernel_options(kernel, scale, groups)
     if repeat:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, head_dim)
+    q, k, v = (t[0].transpose(0, 1).to(dtype or query.dtype) for t in (query, key, value))  # (tokens, heads, head_dim)
     cu_q, cu_k, max_q, max_k = (bounds[name] for name in BOUNDS)
     return kernel(q, k, v, cu_q, cu_k, max_q, max_k, **options).unsqueeze(0)
 
@@ -74,7 +94,7 @@ def varlen_attention(
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     from torch.nn.attention.varlen import varlen_attn
 
-    return packed_attention(query, key, value, kwargs, scaling, varlen_attn), None
+    return packed_attention(query, key, value, kwargs, scaling, varlen_attn, compute_dtype(query)), None
 
 
 def register() -> None:

@@ -62,6 +62,22 @@ def test_packed_row_attends_causally_within_each_sequence(kernel, kv_heads):
     torch.testing.assert_close(out, written_out(query, key, value, scale))
 
 
+def test_float32_queries_under_autocast_run_in_its_dtype():
+    """QLoRA hands attention float32 queries under bf16 autocast (float32 norms): the kernel gets bf16, like sdpa."""
+    torch.manual_seed(0)
+    tokens, dim = sum(LENGTHS), 8
+    query, key, value = (torch.randn(1, 2, tokens, dim) for _ in range(3))
+    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    bounds = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(LENGTHS), "max_length_k": max(LENGTHS)}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        dtype = attention.compute_dtype(query)
+        out = attention.packed_attention(query, key, value, bounds, None, kernel_after_2_10, dtype)
+    assert dtype == out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), written_out(query, key, value, dim**-0.5), atol=0.03, rtol=0.03)
+    with pytest.raises(ValueError, match="needs bf16 or fp16"):
+        attention.compute_dtype(query)
+
+
 def test_options_follow_the_kernel_signature():
     assert attention.kernel_options(kernel_after_2_10, None, 4) == ({"window_size": (-1, 0), "enable_gqa": True}, False)
     assert attention.kernel_options(kernel_2_10, 0.5, 4) == ({"is_causal": True, "scale": 0.5}, True)

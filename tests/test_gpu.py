@@ -23,14 +23,15 @@ def test_added_chatml_tokens_train_on_gpu(train_run):
 
 def test_varlen_attention_matches_sdpa_on_a_packed_row(tiny_checkpoint):
     """The real varlen kernel against sdpa's block-diagonal mask: same logits and LoRA-free input gradients (bf16)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from qlora_recipes import attention
 
     attention.register()
     lengths = (300, 17, 600, 107)
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
-    input_ids = torch.randint(3, 1000, position_ids.shape, device="cuda")
+    vocab = AutoConfig.from_pretrained(tiny_checkpoint).vocab_size
+    input_ids = torch.randint(3, vocab, position_ids.shape, device="cuda")
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
     bounds = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
     results = {}
@@ -38,7 +39,8 @@ def test_varlen_attention_matches_sdpa_on_a_packed_row(tiny_checkpoint):
         model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation=name, dtype=torch.bfloat16)
         model = model.cuda()
         embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_()
-        logits = model(inputs_embeds=embeds, position_ids=position_ids, **bounds).logits.float()
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # as in training: float32 norms, bf16 autocast
+            logits = model(inputs_embeds=embeds.float(), position_ids=position_ids, **bounds).logits.float()
         logits.logsumexp(-1).sum().backward()
         results[name] = (logits.detach(), embeds.grad.float())
     (logits_sdpa, grad_sdpa), (logits_varlen, grad_varlen) = results["sdpa"], results[attention.NAME]
