@@ -297,8 +297,9 @@ class BenchConfig:
     # the default: the original flow beside this project's speed settings, both on the recipe's own settings
     variants: List[str] = field(
         default_factory=lambda: [
-            "plain: trainer.torch_compile=false trainer.liger=false",
-            "optimized: trainer.torch_compile=true",
+            "plain: trainer.torch_compile=false trainer.liger=false trainer.cudnn_attention=true "
+            "trainer.expandable_segments=false",
+            "optimized: trainer.torch_compile=true trainer.cudnn_attention=false trainer.expandable_segments=true",
         ]
     )
     profile: bool = False  # trace the last measured step of each variant with torch.profiler (left out of the figures)
