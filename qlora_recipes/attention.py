@@ -15,6 +15,7 @@ transformers' sdpa, with sdpa's mask.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 NAME = "varlen"
@@ -27,17 +28,34 @@ def available() -> bool:
     return importlib.util.find_spec("torch.nn.attention.varlen") is not None
 
 
-def kernel_options(kernel: Any, scale: float | None, groups: int) -> tuple[dict[str, Any], bool]:
-    """Keywords for this torch's `varlen_attn` (causal is `is_causal=True` in 2.10, `window_size=(-1, 0)` later),
-    and whether the key/value heads must be repeated for grouped-query attention (no `enable_gqa` before 2.13)."""
-    params = inspect.signature(kernel).parameters
-    options: dict[str, Any] = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
-    if scale is not None:
-        options["scale"] = scale
-    gqa = groups > 1 and "enable_gqa" in params
-    if gqa:
-        options["enable_gqa"] = True
-    return options, groups > 1 and not gqa
+@dataclass(frozen=True)
+class Kernel:
+    """A `varlen_attn` and how this torch spells its options, read once from its signature (inspect cannot run
+    inside a compiled block): causal is `is_causal=True` in torch 2.10 and `window_size=(-1, 0)` later; grouped-
+    query attention needs the key/value heads repeated where there is no `enable_gqa`."""
+
+    fn: Any
+    causal: tuple[tuple[str, Any], ...]
+    enable_gqa: bool
+
+    @classmethod
+    def of(cls, fn: Any) -> Kernel:
+        params = inspect.signature(fn).parameters
+        causal = (("window_size", (-1, 0)),) if "window_size" in params else (("is_causal", True),)
+        return cls(fn, causal, "enable_gqa" in params)
+
+    def options(self, scale: float | None, groups: int) -> tuple[dict[str, Any], bool]:
+        """Keywords for a call, and whether the caller must repeat the key/value heads first."""
+        options = dict(self.causal)
+        if scale is not None:
+            options["scale"] = scale
+        gqa = groups > 1 and self.enable_gqa
+        if gqa:
+            options["enable_gqa"] = True
+        return options, groups > 1 and not gqa
+
+
+TORCH_KERNEL: list[Kernel] = []  # torch's varlen_attn as a Kernel, filled by register()
 
 
 def compute_dtype(query: Any) -> Any:
@@ -58,18 +76,18 @@ def compute_dtype(query: Any) -> Any:
 
 
 def packed_attention(
-    query: Any, key: Any, value: Any, bounds: dict[str, Any], scale: Any, kernel: Any, dtype: Any = None
+    query: Any, key: Any, value: Any, bounds: dict[str, Any], scale: Any, kernel: Kernel, dtype: Any = None
 ) -> Any:
     """Causal attention within each sequence of one packed row: (1, heads, tokens, head_dim) tensors in,
     (1, tokens, heads, head_dim) out in `dtype`, through `kernel` (varlen_attn's contract) with the collator's
     boundaries."""
     groups = query.shape[1] // key.shape[1]
-    options, repeat = kernel_options(kernel, scale, groups)
+    options, repeat = kernel.options(scale, groups)
     if repeat:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     q, k, v = (t[0].transpose(0, 1).to(dtype or query.dtype) for t in (query, key, value))  # (tokens, heads, head_dim)
     cu_q, cu_k, max_q, max_k = (bounds[name] for name in BOUNDS)
-    return kernel(q, k, v, cu_q, cu_k, max_q, max_k, **options).unsqueeze(0)
+    return kernel.fn(q, k, v, cu_q, cu_k, max_q, max_k, **options).unsqueeze(0)
 
 
 BOUNDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")  # what TRL's padding-free collator adds
@@ -92,9 +110,7 @@ def varlen_attention(
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    from torch.nn.attention.varlen import varlen_attn
-
-    return packed_attention(query, key, value, kwargs, scaling, varlen_attn, compute_dtype(query)), None
+    return packed_attention(query, key, value, kwargs, scaling, TORCH_KERNEL[0], compute_dtype(query)), None
 
 
 def register() -> None:
@@ -102,5 +118,9 @@ def register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+    if available() and not TORCH_KERNEL:
+        from torch.nn.attention.varlen import varlen_attn
+
+        TORCH_KERNEL.append(Kernel.of(varlen_attn))
     AttentionInterface.register(NAME, varlen_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)

@@ -57,7 +57,7 @@ def test_packed_row_attends_causally_within_each_sequence(kernel, kv_heads):
     cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
     bounds = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(LENGTHS), "max_length_k": max(LENGTHS)}
     scale = 0.7 / math.sqrt(dim)  # not the default, so a dropped scale shows
-    out = attention.packed_attention(query, key, value, bounds, scale, kernel)
+    out = attention.packed_attention(query, key, value, bounds, scale, attention.Kernel.of(kernel))
     assert out.shape == (1, tokens, 4, dim)
     torch.testing.assert_close(out, written_out(query, key, value, scale))
 
@@ -71,7 +71,7 @@ def test_float32_queries_under_autocast_run_in_its_dtype():
     bounds = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(LENGTHS), "max_length_k": max(LENGTHS)}
     with torch.autocast("cpu", dtype=torch.bfloat16):
         dtype = attention.compute_dtype(query)
-        out = attention.packed_attention(query, key, value, bounds, None, kernel_after_2_10, dtype)
+        out = attention.packed_attention(query, key, value, bounds, None, attention.Kernel.of(kernel_after_2_10), dtype)
     assert dtype == out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), written_out(query, key, value, dim**-0.5), atol=0.03, rtol=0.03)
     with pytest.raises(ValueError, match="needs bf16 or fp16"):
@@ -79,9 +79,10 @@ def test_float32_queries_under_autocast_run_in_its_dtype():
 
 
 def test_options_follow_the_kernel_signature():
-    assert attention.kernel_options(kernel_after_2_10, None, 4) == ({"window_size": (-1, 0), "enable_gqa": True}, False)
-    assert attention.kernel_options(kernel_2_10, 0.5, 4) == ({"is_causal": True, "scale": 0.5}, True)
-    assert attention.kernel_options(kernel_2_10, None, 1) == ({"is_causal": True}, False)
+    after, before = attention.Kernel.of(kernel_after_2_10), attention.Kernel.of(kernel_2_10)
+    assert after.options(None, 4) == ({"window_size": (-1, 0), "enable_gqa": True}, False)
+    assert before.options(0.5, 4) == ({"is_causal": True, "scale": 0.5}, True)
+    assert before.options(None, 1) == ({"is_causal": True}, False)
 
 
 def test_registered_implementation_loads_and_falls_back_to_sdpa_off_cuda(tiny_checkpoint):
@@ -105,3 +106,45 @@ def test_registered_implementation_loads_and_falls_back_to_sdpa_off_cuda(tiny_ch
             for name, model in models.items()
         }
     torch.testing.assert_close(logits[attention.NAME], logits["sdpa"])
+
+
+@torch.library.custom_op("qlora_recipes_test::segment_attention", mutates_args=())
+def segment_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float, gqa: bool
+) -> torch.Tensor:
+    return segment_attention(q, k, v, cu, scale, gqa)
+
+
+@segment_attention_op.register_fake
+def _(q, k, v, cu, scale, gqa):
+    return torch.empty_like(q)
+
+
+def opaque_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), scale=None, enable_gqa=False):
+    """The 2.11 signature around an opaque op, as torch's own varlen_attn wraps its custom op."""
+    return segment_attention_op(q, k, v, cu_q, scale if scale is not None else q.shape[-1] ** -0.5, enable_gqa)
+
+
+def test_packed_path_compiles_as_one_graph_for_any_packing():
+    """Inside a compiled decoder block (trainer.torch_compile) the packed path must trace whole, under autocast,
+    with new lengths and boundaries every batch: no graph break, no recompile per packing."""
+    from torch._dynamo.testing import CompileCounter
+
+    counter = CompileCounter()
+    kernel = attention.Kernel.of(opaque_kernel)
+
+    @torch.compile(backend=counter, fullgraph=True, dynamic=True)
+    def block(query, key, value, bounds):
+        return attention.packed_attention(query, key, value, bounds, None, kernel, attention.compute_dtype(query))
+
+    for lengths in ((5, 3, 8), (7, 9, 2, 6), (11, 1)):
+        tokens, cu = sum(lengths), torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        bounds = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+        # 6 query heads over 2 key/value heads, head_dim 32: sizes no packing here shares (dynamo would tie equal sizes)
+        query, key, value = torch.randn(1, 6, tokens, 32), torch.randn(1, 2, tokens, 32), torch.randn(1, 2, tokens, 32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(query, key, value, bounds)
+        assert out.dtype == torch.bfloat16 and out.shape == (1, tokens, 6, 32)
+        expected = segment_attention(*(t[0].transpose(0, 1) for t in (query, key, value)), cu, 32**-0.5, True)
+        torch.testing.assert_close(out[0].float(), expected, atol=0.03, rtol=0.03)
+    assert counter.frame_count == 1  # one graph for every packing
