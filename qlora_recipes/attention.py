@@ -3,8 +3,8 @@
 Padding-free packing (TRL's collator under `trainer.packing=true`) concatenates a micro-batch's sequences into
 one row and sends their boundaries with it (`cu_seq_lens_q/k`, `max_length_q/k`, computed on the CPU). sdpa
 cannot use them: it attends through a block-diagonal mask of the whole row, which either sends it to the cuDNN
-kernel (~1 ms of host-side planning a call at a new length) or to the memory-efficient kernel (~4x the GPU time
-of flash on the 7B shape; docs/performance.md). `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA)
+kernel (~1 ms of host-side planning a call at a new length) or to the memory-efficient kernel (~3.7x cuDNN's
+GPU time on the 7B shape; docs/gpu.md, seventh session). `torch.nn.attention.varlen.varlen_attn` (torch >= 2.10, CUDA)
 runs flash attention over each sequence of the row, no mask, causal within each.
 
 Registered with transformers as the attention implementation "varlen"; batches without boundaries (evaluation

@@ -305,11 +305,13 @@ def set_cuda_runtime(resolved: Resolved) -> None:
     """The recipe's process-wide CUDA settings, before the model's memory is allocated and its blocks compiled:
     the caching allocator's (the device probe has already started CUDA in this process, so the environment
     variable would come too late: torch's runtime setter applies them to every segment allocated from here on)
-    and whether sdpa may pick its cuDNN kernel."""
+    and whether sdpa may pick its cuDNN kernel. The allocator setting, once on, stays on for later runs in the
+    same process."""
     import torch
 
-    if not resolved.recipe.trainer.cudnn_attention:
-        torch.backends.cuda.enable_cudnn_sdp(False)
+    cudnn = resolved.recipe.trainer.cudnn_attention
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)  # both ways: an earlier run in this process (a sweep) may have set it
+    if not cudnn:
         log.info("sdpa: cuDNN attention off (flash / memory-efficient kernels)")
     settings = plan.allocator_settings(resolved.recipe, on_cuda=resolved.device.kind == "cuda")
     if settings is not None:

@@ -254,7 +254,7 @@ def test_cudnn_attention_off_is_applied_process_wide(recipe_of):
     try:
         runner.set_cuda_runtime(recipe_of("trainer.cudnn_attention=false"))
         assert not torch.backends.cuda.cudnn_sdp_enabled()
+        runner.set_cuda_runtime(recipe_of())  # the default turns it back on: a sweep's next run in this process
+        assert torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)
-    runner.set_cuda_runtime(recipe_of())  # the default leaves torch's choice alone
-    assert torch.backends.cuda.cudnn_sdp_enabled()
