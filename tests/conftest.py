@@ -31,6 +31,18 @@ def recipe_of():
     return make
 
 
+@pytest.fixture
+def packed_bounds():
+    """The boundaries TRL's padding-free collator sends with a packed row of sequences of these lengths."""
+    import torch
+
+    def make(lengths, device="cpu"):
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint():
     from qlora_recipes.models import tiny_checkpoint as build

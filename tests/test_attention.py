@@ -49,26 +49,24 @@ def written_out(query, key, value, scale):
 
 @pytest.mark.parametrize("kernel", [kernel_after_2_10, kernel_2_10])
 @pytest.mark.parametrize("kv_heads", [4, 2])
-def test_packed_row_attends_causally_within_each_sequence(kernel, kv_heads):
+def test_packed_row_attends_causally_within_each_sequence(kernel, kv_heads, packed_bounds):
     torch.manual_seed(0)
     tokens, dim = sum(LENGTHS), 8
     query = torch.randn(1, 4, tokens, dim)
     key, value = torch.randn(1, kv_heads, tokens, dim), torch.randn(1, kv_heads, tokens, dim)
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
-    bounds = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(LENGTHS), "max_length_k": max(LENGTHS)}
+    bounds = packed_bounds(LENGTHS)
     scale = 0.7 / math.sqrt(dim)  # not the default, so a dropped scale shows
     out = attention.packed_attention(query, key, value, bounds, scale, attention.Kernel.of(kernel))
     assert out.shape == (1, tokens, 4, dim)
     torch.testing.assert_close(out, written_out(query, key, value, scale))
 
 
-def test_float32_queries_under_autocast_run_in_its_dtype():
+def test_float32_queries_under_autocast_run_in_its_dtype(packed_bounds):
     """QLoRA hands attention float32 queries under bf16 autocast (float32 norms): the kernel gets bf16, like sdpa."""
     torch.manual_seed(0)
     tokens, dim = sum(LENGTHS), 8
     query, key, value = (torch.randn(1, 2, tokens, dim) for _ in range(3))
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
-    bounds = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(LENGTHS), "max_length_k": max(LENGTHS)}
+    bounds = packed_bounds(LENGTHS)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         dtype = attention.compute_dtype(query)
         out = attention.packed_attention(query, key, value, bounds, None, attention.Kernel.of(kernel_after_2_10), dtype)
@@ -85,7 +83,7 @@ def test_options_follow_the_kernel_signature():
     assert before.options(None, 1) == ({"is_causal": True}, False)
 
 
-def test_registered_implementation_loads_and_falls_back_to_sdpa_off_cuda(tiny_checkpoint):
+def test_registered_implementation_loads_and_falls_back_to_sdpa_off_cuda(tiny_checkpoint, packed_bounds):
     from transformers import AutoModelForCausalLM
 
     attention.register()
@@ -98,8 +96,7 @@ def test_registered_implementation_loads_and_falls_back_to_sdpa_off_cuda(tiny_ch
     assert models[attention.NAME].config._attn_implementation == attention.NAME
     position_ids = torch.cat([torch.arange(n) for n in LENGTHS])[None]
     input_ids = torch.randint(3, 100, position_ids.shape)
-    cu = torch.tensor([0, *torch.tensor(LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
-    bounds = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(LENGTHS), "max_length_k": max(LENGTHS)}
+    bounds = packed_bounds(LENGTHS)
     with torch.no_grad():
         logits = {
             name: model(input_ids=input_ids, position_ids=position_ids, **bounds).logits
@@ -125,7 +122,7 @@ def opaque_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), sc
     return segment_attention_op(q, k, v, cu_q, scale if scale is not None else q.shape[-1] ** -0.5, enable_gqa)
 
 
-def test_packed_path_compiles_as_one_graph_for_any_packing():
+def test_packed_path_compiles_as_one_graph_for_any_packing(packed_bounds):
     """Inside a compiled decoder block (trainer.torch_compile) the packed path must trace whole, under autocast,
     with new lengths and boundaries every batch: no graph break, no recompile per packing."""
     from torch._dynamo.testing import CompileCounter
@@ -138,13 +135,14 @@ def test_packed_path_compiles_as_one_graph_for_any_packing():
         return attention.packed_attention(query, key, value, bounds, None, kernel, attention.compute_dtype(query))
 
     for lengths in ((5, 3, 8), (7, 9, 2, 6), (11, 1)):
-        tokens, cu = sum(lengths), torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
-        bounds = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+        tokens, bounds = sum(lengths), packed_bounds(lengths)
         # 6 query heads over 2 key/value heads, head_dim 32: sizes no packing here shares (dynamo would tie equal sizes)
         query, key, value = torch.randn(1, 6, tokens, 32), torch.randn(1, 2, tokens, 32), torch.randn(1, 2, tokens, 32)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = block(query, key, value, bounds)
         assert out.dtype == torch.bfloat16 and out.shape == (1, tokens, 6, 32)
-        expected = segment_attention(*(t[0].transpose(0, 1) for t in (query, key, value)), cu, 32**-0.5, True)
+        expected = segment_attention(
+            *(t[0].transpose(0, 1) for t in (query, key, value)), bounds["cu_seq_lens_q"], 32**-0.5, True
+        )
         torch.testing.assert_close(out[0].float(), expected, atol=0.03, rtol=0.03)
     assert counter.frame_count == 1  # one graph for every packing

@@ -21,7 +21,7 @@ def test_added_chatml_tokens_train_on_gpu(train_run):
     assert metrics["train"]["steps"] == 6
 
 
-def test_varlen_attention_matches_sdpa_on_a_packed_row(tiny_checkpoint):
+def test_varlen_attention_matches_sdpa_on_a_packed_row(tiny_checkpoint, packed_bounds):
     """The real varlen kernel against sdpa's block-diagonal mask: same logits and LoRA-free input gradients (bf16)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -32,8 +32,7 @@ def test_varlen_attention_matches_sdpa_on_a_packed_row(tiny_checkpoint):
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
     vocab = AutoConfig.from_pretrained(tiny_checkpoint).vocab_size
     input_ids = torch.randint(3, vocab, position_ids.shape, device="cuda")
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    bounds = {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": max(lengths), "max_length_k": max(lengths)}
+    bounds = packed_bounds(lengths, device="cuda")
     results = {}
     for name in ("sdpa", attention.NAME):
         model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation=name, dtype=torch.bfloat16)
