@@ -38,7 +38,7 @@ def test_varlen_attention_matches_sdpa_on_a_packed_row(tiny_checkpoint, packed_b
         model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint, attn_implementation=name, dtype=torch.bfloat16)
         model = model.cuda()
         embeds = model.get_input_embeddings()(input_ids).detach().requires_grad_()
-        with torch.autocast("cuda", dtype=torch.bfloat16):  # as in training: float32 norms, bf16 autocast
+        with torch.autocast("cuda", dtype=torch.bfloat16):  # as in training (float32 queries: tests/test_attention.py)
             logits = model(inputs_embeds=embeds.float(), position_ids=position_ids, **bounds).logits.float()
         logits.logsumexp(-1).sum().backward()
         results[name] = (logits.detach(), embeds.grad.float())
