@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install run test test-slow test-gpu lint fmt clean
+.PHONY: help install run test test-slow test-gpu gpu-wheels lint fmt clean
 
 help:  ## this list
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -33,6 +33,9 @@ test-slow: install  ## slow tests: the real SmolLM2 demo end to end (minutes)
 
 test-gpu: install  ## GPU tests (need CUDA; they skip without it)
 	$(BIN)/python -m pytest -q -m gpu
+
+gpu-wheels: install  ## .whl/: the wheels the GPU machines lack (device tool: carry [".whl"]; docs/gpu.md)
+	bash scripts/gpu_wheels.sh
 
 lint: install  ## ruff lint and format check
 	$(BIN)/ruff check qlora_recipes tests scripts
