@@ -14,6 +14,7 @@ transformers' sdpa, with sdpa's mask.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -53,9 +54,6 @@ class Kernel:
         if gqa:
             options["enable_gqa"] = True
         return options, groups > 1 and not gqa
-
-
-TORCH_KERNEL: list[Kernel] = []  # torch's varlen_attn as a Kernel, filled by register()
 
 
 def compute_dtype(query: Any) -> Any:
@@ -101,26 +99,31 @@ def varlen_attention(
     attention_mask: Any,
     dropout: float = 0.0,
     scaling: Any = None,
+    *,
+    kernel: Kernel | None = None,
     **kwargs,
 ) -> tuple[Any, None]:
     """transformers' attention-function contract: query/key/value (batch, heads, tokens, head_dim) in, output
-    (batch, tokens, heads, head_dim) out. A padding-free batch is one row, cut at its sequences' boundaries."""
+    (batch, tokens, heads, head_dim) out. A padding-free batch is one row, cut at its sequences' boundaries;
+    `kernel` is bound by register()."""
     packed = all(kwargs.get(name) is not None for name in BOUNDS) and query.shape[0] == 1
-    if not packed or dropout or not query.is_cuda:
+    if kernel is None or not packed or dropout or not query.is_cuda:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    return packed_attention(query, key, value, kwargs, scaling, TORCH_KERNEL[0], compute_dtype(query)), None
+    return packed_attention(query, key, value, kwargs, scaling, kernel, compute_dtype(query)), None
 
 
 def register() -> None:
-    """Make "varlen" a valid `attn_implementation` (idempotent); its mask is sdpa's, for the sdpa fallback."""
+    """Make "varlen" a valid `attn_implementation` (idempotent), bound to this torch's kernel (none before torch
+    2.10: sdpa throughout); its mask is sdpa's, for the sdpa fallback."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    if available() and not TORCH_KERNEL:
+    kernel = None
+    if available():
         from torch.nn.attention.varlen import varlen_attn
 
-        TORCH_KERNEL.append(Kernel.of(varlen_attn))
-    AttentionInterface.register(NAME, varlen_attention)
+        kernel = Kernel.of(varlen_attn)
+    AttentionInterface.register(NAME, functools.partial(varlen_attention, kernel=kernel))
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
