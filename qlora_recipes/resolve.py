@@ -32,6 +32,7 @@ from qlora_recipes.schema import (
     Strategy,
     TaskMetric,
     TemplateFormat,
+    TrainerConfig,
     TrainerKind,
 )
 
@@ -118,6 +119,11 @@ def resolve(cfg: DictConfig | RecipeConfig, device: Device) -> Resolved:
         notes.append(f"trainer.precision auto -> {precision.value} (follows model.dtype {dtype.value})")
 
     attn = recipe.model.attn_implementation
+    if attn is Attention.fastest:
+        unmet = varlen_unmet(device, recipe.trainer, precision)
+        attn = Attention.auto if unmet else Attention.varlen
+        why = "; ".join(reason.split(":")[0] for reason in unmet) or "CUDA, torch >= 2.10, packed SFT in bf16/fp16"
+        notes.append(f"model.attn_implementation fastest -> {attn.value} ({why})")
     if attn is Attention.auto:
         if device.kind == "cuda" and device.flash_attn:
             attn = Attention.flash_attention_2
@@ -199,6 +205,21 @@ def sharded_quant(recipe: RecipeConfig, notes: list[str]) -> QuantConfig:
         quant = replace(quant, storage_dtype=StorageDType(quant.compute_dtype.value))
         notes.append(f"quant.storage_dtype -> {quant.storage_dtype.value} (sharded 4-bit weights: the compute dtype)")
     return quant
+
+
+def varlen_unmet(device: Device, t: TrainerConfig, precision: Precision) -> list[str]:
+    """Why a run cannot use the varlen kernel (empty when it can), each reason opening with what it needs."""
+    unmet = []
+    if not (device.kind == "cuda" and attention.available()):
+        unmet.append("needs a CUDA GPU and torch >= 2.10: it runs torch's flash-attention varlen kernel")
+    if not (t.packing and t.kind is TrainerKind.sft):
+        unmet.append(
+            "needs trainer.packing=true (SFT): it attends within each packed sequence from the boundaries that "
+            "padding-free packing sends with the batch; without them every batch would fall back to sdpa"
+        )
+    if precision not in (Precision.bf16, Precision.fp16):
+        unmet.append("needs trainer.precision=bf16 (or fp16): flash attention computes in bf16 or fp16")
+    return unmet
 
 
 def validate(resolved: Resolved) -> None:
@@ -329,21 +350,8 @@ def validate(resolved: Resolved) -> None:
         "pip install flash-attn on a CUDA machine, or use model.attn_implementation=sdpa",
     )
     if r.model.attn_implementation is Attention.varlen:
-        need(
-            device.kind == "cuda" and attention.available(),
-            "model.attn_implementation=varlen runs torch's flash-attention varlen kernel: it needs a CUDA GPU and "
-            "torch >= 2.10. Use model.attn_implementation=sdpa",
-        )
-        need(
-            t.packing and t.kind is TrainerKind.sft,
-            "model.attn_implementation=varlen attends within each packed sequence from the boundaries that padding-free "
-            "packing sends with the batch: it needs trainer.packing=true (SFT); without them every batch would fall "
-            "back to sdpa. Use model.attn_implementation=sdpa",
-        )
-        need(
-            t.precision in (Precision.bf16, Precision.fp16),
-            "model.attn_implementation=varlen: flash attention computes in bf16 or fp16; set trainer.precision=bf16",
-        )
+        for reason in varlen_unmet(device, t, t.precision):
+            need(False, f"model.attn_implementation=varlen {reason}. Use model.attn_implementation=sdpa (or fastest)")
 
     # distributed backends
     backend = r.dist.backend

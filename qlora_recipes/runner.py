@@ -154,10 +154,11 @@ def setup_model(
     model.config.pad_token_id = tokenizer.pad_token_id
     t = recipe.trainer
     model.config.use_cache = not t.gradient_checkpointing
-    if quantized and not sharded:
-        # Skipped under FSDP/ZeRO-3: its fp32 upcast would mix dtypes in the flattened shards (docs/seed_parity.md).
-        # Casts the unquantized params (norms, embeddings) to fp32 for stable training and makes
-        # inputs require grads so checkpointed blocks backpropagate into the adapters.
+    if quantized and not sharded and recipe.quant.upcast_unquantized:
+        # Skipped under FSDP/ZeRO-3: its fp32 upcast would mix dtypes in the flattened shards (docs/seed_parity.md),
+        # and with quant.upcast_unquantized=false. Casts the unquantized params (norms, embeddings) to fp32 for
+        # stable training and makes inputs require grads so checkpointed blocks backpropagate into the adapters
+        # (when skipped, the trainer's gradient checkpointing does that).
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(

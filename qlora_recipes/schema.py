@@ -41,6 +41,7 @@ class Attention(Enum):
     eager = "eager"
     flash_attention_2 = "flash_attention_2"
     varlen = "varlen"  # packed sequences through torch's flash-attention varlen kernel (attention.py; CUDA, packing)
+    fastest = "fastest"  # varlen where the run can use it (CUDA, torch >= 2.10, packed SFT, bf16/fp16), else auto
 
 
 class QuantType(Enum):
@@ -187,6 +188,10 @@ class QuantConfig:
     double_quant: bool = False  # quantize the quantization constants too: ~0.4 bit/param saved
     compute_dtype: DType = DType.auto  # dtype of the dequantized matmuls
     storage_dtype: StorageDType = StorageDType.uint8  # must equal compute dtype under FSDP/ZeRO-3
+    # PEFT's k-bit preparation casts the unquantized weights (embeddings, norms, LM head) to float32, which makes
+    # the residual stream float32 too; false keeps them in the model dtype: half their memory and half the
+    # checkpointed activations (as under FSDP/ZeRO-3, where that cast is always skipped)
+    upcast_unquantized: bool = True
 
 
 @dataclass
@@ -294,12 +299,14 @@ class BenchConfig:
     warmup: int = 3  # optimizer steps left out of the figures (allocator, autotuning, first-call costs)
     # "NAME" or "NAME: overrides" on top of the recipe, e.g. 'bench.variants=[plain,"fsdp: dist=fsdp"]';
     # each runs in its own process, in this order; the first is the baseline of the "vs first" column
-    # the default: the original flow beside this project's speed settings, both on the recipe's own settings
+    # the default: the original flow beside this project's speed settings, both on the recipe's own settings (the
+    # optimized micro-batch of 2 sequences assumes a recipe batch of 2 or more per process, as llama2_chatml's 1 x 4)
     variants: List[str] = field(
         default_factory=lambda: [
             "plain: trainer.torch_compile=false trainer.liger=false trainer.cudnn_attention=true "
             "trainer.expandable_segments=false",
-            "optimized: trainer.torch_compile=true trainer.cudnn_attention=false trainer.expandable_segments=true",
+            "optimized: trainer.torch_compile=true model.attn_implementation=fastest trainer.expandable_segments=true "
+            "quant.upcast_unquantized=false trainer.micro_batch_size=2",
         ]
     )
     profile: bool = False  # trace the last measured step of each variant with torch.profiler (left out of the figures)

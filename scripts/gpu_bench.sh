@@ -3,12 +3,14 @@
 # runs `bench` once per VARIANTS entry ("NAME: overrides", one per line) so that a hang or crash costs one
 # variant only (TIMEOUT seconds each). COMMON holds overrides shared by all. Results (bench.md,
 # bench.json, profile tables, logs) in $OUT/<name>.txt, and $OUT/cards.txt with the cards and a table
-# combining them, the first variant as the baseline.
+# combining them, the first variant as the baseline. APPEND=1 keeps the results of an earlier run of this script on
+# the same (still warm) machine in that table, e.g. a second run with other COMMON overrides.
 set -u
 [ -n "${NO_INSTALL:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
 export QLORA_RECIPES_CACHE=/tmp/qrc
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+[ -n "${APPEND:-}" ] || rm -rf /tmp/benchjson
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/cards.txt"
 while IFS= read -r line; do
   [ -z "$line" ] && continue

@@ -233,6 +233,23 @@ def test_attention_choice(recipe_of, device, requested, expected):
         assert any("sdpa" in note for note in resolved.notes)
 
 
+@pytest.mark.parametrize(
+    "device, overrides, expected, why",
+    [
+        (GPU, ("trainer.packing=true", "trainer.precision=bf16"), "varlen", "packed SFT"),
+        (Device(), ("trainer.packing=true",), "sdpa", "needs a CUDA GPU"),
+        (GPU, ("trainer.packing=false",), "sdpa", "needs trainer.packing=true"),
+        (Device("cuda", 1, True, flash_attn=True), ("trainer.packing=false",), "flash_attention_2", "packing"),
+        (GPU, ("trainer.packing=true", "trainer.precision=fp32"), "sdpa", "needs trainer.precision=bf16"),
+    ],
+)
+def test_fastest_attention_is_varlen_where_the_run_can_use_it(recipe_of, device, overrides, expected, why):
+    resolved = recipe_of("model.attn_implementation=fastest", *overrides, device=device)
+    assert plan.model_kwargs(resolved.recipe)["attn_implementation"] == expected
+    note = next(note for note in resolved.notes if note.startswith("model.attn_implementation fastest"))
+    assert why in note
+
+
 def test_torch_compile_is_ours_not_the_trainers(recipe_of):
     """The runner compiles the decoder blocks (tune_blocks); the Trainer's whole-model compile stays off."""
     assert "torch_compile" not in plan.training_kwargs(recipe_of("trainer.torch_compile=true").recipe, "out")
