@@ -27,6 +27,7 @@ from qlora_recipes.schema import (
     ModelSource,
     Precision,
     QuantConfig,
+    QuantType,
     RecipeConfig,
     StorageDType,
     Strategy,
@@ -398,6 +399,17 @@ def validate(resolved: Resolved) -> None:
         not (t.torch_compile and r.backend is Backend.unsloth),
         "trainer.torch_compile=true with backend=unsloth: Unsloth patches the model with its own kernels. "
         "Set trainer.torch_compile=false",
+    )
+    need(
+        not q.compiled_dequant or (q.load_in_4bit and q.quant_type is QuantType.nf4),
+        "quant.compiled_dequant=true computes nf4 weights (quant=nf4); this run has no 4-bit nf4 weights. Set it false",
+    )
+    need(
+        not q.compiled_dequant
+        or (t.torch_compile and not plan.shards_parameters(r) and r.backend is not Backend.unsloth),
+        "quant.compiled_dequant=true dequantizes inside the compiled decoder blocks: it needs trainer.torch_compile=true "
+        "(eager, its torch ops would be slower than bitsandbytes' kernels) and one whole model per GPU (dist=single or "
+        "ddp, not sharded, not backend=unsloth). Set it false or change those",
     )
     need(
         not r.dist.zero3_leaf_blocks or plan.is_zero3(r),

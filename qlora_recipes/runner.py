@@ -401,7 +401,8 @@ COMPILE_VARIANTS = 16  # recompile room per compiled block (see tune_blocks)
 
 
 def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
-    """Per-block speed settings, before accelerate wraps the model: `trainer.torch_compile` compiles each decoder
+    """Per-block speed settings, before accelerate wraps the model: `quant.compiled_dequant` routes the nf4 layers
+    through torch-op dequantization (dequant.py), `trainer.torch_compile` compiles each decoder
     block in place (the blocks share one compiled graph; parameter names stay as they are), and
     `dist.zero3_leaf_blocks` has ZeRO-3 fetch each block's parameters as one unit instead of hooking its submodules."""
     if not (recipe.trainer.torch_compile or plan.zero3_leaf_blocks(recipe)):
@@ -412,6 +413,10 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
             f"{type(model).__name__} names no decoder block class (_no_split_modules): trainer.torch_compile and "
             "dist.zero3_leaf_blocks need one. Set them false"
         )
+    if recipe.quant.compiled_dequant:  # before compiling: the blocks trace the routed layers
+        from qlora_recipes import dequant
+
+        log.info("quant.compiled_dequant: %d nf4 layers dequantized inside the compiled blocks", dequant.install(model))
     if recipe.trainer.torch_compile:
         import torch._dynamo
         import torch._logging

@@ -192,6 +192,9 @@ class QuantConfig:
     # the residual stream float32 too; false keeps them in the model dtype: half their memory and half the
     # checkpointed activations (as under FSDP/ZeRO-3, where that cast is always skipped)
     upcast_unquantized: bool = True
+    # with trainer.torch_compile: nf4 weights dequantized by torch ops inside the compiled blocks (one fused kernel a
+    # weight, no bitsandbytes Python call a matmul; same arithmetic, dequant.py); one whole model per GPU
+    compiled_dequant: bool = False
 
 
 @dataclass

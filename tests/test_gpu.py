@@ -95,3 +95,40 @@ def test_optimized_variant_follows_the_plain_loss_curve(tmp_path):
     assert len(plain) == len(optimized) == 50
     assert plain[-1]["loss"] < 0.8 * plain[0]["loss"]  # it learns, so a drift would show
     assert bench.loss_gap(optimized, plain) < 0.01
+
+
+def test_compiled_dequant_matches_bitsandbytes_on_cuda():
+    """quant.compiled_dequant on the GPU: eager torch ops give bitsandbytes' CUDA dequantization bit for bit; compiled
+    (inductor fuses it into one kernel) the layer's output and input gradient stay within bf16 rounding of bnb's."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    from qlora_recipes import dequant
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(
+        512, 384, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", quant_storage=torch.bfloat16
+    )
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(384, 512),
+        requires_grad=False,
+        compress_statistics=True,
+        quant_type="nf4",
+        quant_storage=torch.bfloat16,
+    )
+    layer = layer.cuda()  # bitsandbytes quantizes on the move to the GPU
+    state = layer.weight.quant_state
+    ours = dequant.dequantize(
+        layer.weight, dequant.block_absmax(state), state.code, state.blocksize, state.shape, torch.bfloat16
+    )
+    assert torch.equal(ours, F.dequantize_4bit(layer.weight, state).to(torch.bfloat16))
+
+    x = torch.randn(1, 300, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    expected = layer(x)
+    expected.float().square().sum().backward()
+    expected_grad, x.grad = x.grad.clone(), None
+    dequant.install(layer)
+    out = torch.compile(layer, fullgraph=True, dynamic=True)(x)
+    out.float().square().sum().backward()
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(x.grad, expected_grad)

@@ -78,3 +78,40 @@ def test_zero3_leaf_blocks_mark_each_decoder_block(recipe_of, tiny_checkpoint):
     assert len(blocks) == 2 and all(ds_utils.z3_leaf_module(block) for block in blocks)
     assert sum(ds_utils.z3_leaf_module(m) for m in model.modules()) == 2
     assert all(b._compiled_call_impl is None for b in blocks)  # trainer.torch_compile is off
+
+
+def test_compiled_dequant_blocks_share_one_graph_and_match_bitsandbytes(recipe_of, tiny_checkpoint):
+    """quant.compiled_dequant: the nf4 layers (double-quantized, bf16 storage as llama2_chatml) are routed before the
+    blocks compile; both blocks still share one graph, and loss and gradients are bitsandbytes' eager ones."""
+    from torch._dynamo.utils import counters
+
+    recipe, model = tiny_model(
+        recipe_of,
+        tiny_checkpoint,
+        "quant=nf4",
+        "quant.double_quant=true",
+        "quant.storage_dtype=bfloat16",
+        "model.dtype=float32",
+        "trainer.torch_compile=true",
+        "quant.compiled_dequant=true",
+        "trainer.gradient_checkpointing=true",
+    )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})  # as the Trainer does
+    model.enable_input_require_grads()
+    model.train()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    eager_loss, eager_grads = loss_and_grads(model)
+    torch._dynamo.reset()
+    counters.clear()
+    tune_blocks(model, recipe)
+    routed = [m for m in model.modules() if getattr(m, "routed", False)]
+    assert len(routed) == 14  # 7 linear layers in each of the 2 blocks
+    for length in (50, 50, 40):
+        loss, grads = loss_and_grads(model, length)
+        if length == 50:
+            assert loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
+            for name, grad in grads.items():
+                torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
