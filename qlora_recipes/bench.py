@@ -25,6 +25,7 @@ project's speed settings; docs/performance.md says which pay).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -373,6 +374,25 @@ def parse_variants(entries: list[str]) -> dict[str, list[str]]:
     return parsed
 
 
+def at_least(overrides: list[str], recipe: Any) -> list[str]:
+    """A variant's overrides with each `KEY>=N` made `KEY=max(recipe's value, N)`: a floor on the recipe's own setting
+    (the optimized micro-batch is at least 2 sequences, not fewer than a recipe that already runs more)."""
+    concrete = []
+    for override in overrides:
+        key, sep, floor = override.partition(">=")
+        if not sep:
+            concrete.append(override)
+            continue
+        try:
+            current = functools.reduce(getattr, key.split("."), recipe)
+            concrete.append(f"{key}={max(current, int(floor))}")
+        except (AttributeError, TypeError, ValueError):
+            raise RecipeError(
+                f"bench.variants override {override!r}: KEY>=N needs a numeric recipe setting KEY and an integer N"
+            ) from None
+    return concrete
+
+
 def rows_needed(recipe: Any, steps: int) -> int:
     """Enough synthetic rows for `steps` optimizer steps of full sequences, with a margin."""
     t = recipe.trainer
@@ -401,6 +421,7 @@ def run_bench(overrides: list[str]) -> list[Measured]:
     name_, gpu = resolved.recipe.name, device_name()
     plans = []
     for name, extra in parse_variants(list(cfg.variants)).items():
+        extra = at_least(extra, resolved.recipe)
         variant, _ = resolve_overrides([*overrides, *extra])
         plans.append((name, extra, variant))
     rows = max(rows_needed(v.recipe, total) for _, _, v in plans)

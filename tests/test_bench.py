@@ -106,8 +106,26 @@ def test_default_variants_are_the_plain_flow_and_the_optimized_one():
         "model.attn_implementation=fastest",
         "trainer.expandable_segments=true",
         "quant.upcast_unquantized=false",
-        "trainer.micro_batch_size=2",
+        "trainer.micro_batch_size>=2",
     }
+
+
+@pytest.mark.parametrize(
+    "recipe, micro_batch",
+    [("+recipe=llama2_chatml", 2), ("+recipe=smollm2_chatml", 8)],  # 1 x 4 becomes 2 x 2; 8 stays 8
+)
+def test_optimized_micro_batch_is_a_floor_on_the_recipes_own(recipe_of, recipe, micro_batch):
+    optimized = bench.parse_variants(BenchConfig().variants)["optimized"]
+    concrete = bench.at_least(optimized, recipe_of(recipe).recipe)
+    assert f"trainer.micro_batch_size={micro_batch}" in concrete
+    assert [o for o in concrete if "micro_batch" not in o] == [o for o in optimized if "micro_batch" not in o]
+    recipe_of(recipe, *concrete)  # composes and validates
+
+
+@pytest.mark.parametrize("override", ["trainer.nope>=2", "trainer.micro_batch_size>=two", "trainer>=2"])
+def test_at_least_explains_what_it_needs(recipe_of, override):
+    with pytest.raises(RecipeError, match="KEY>=N needs a numeric recipe setting"):
+        bench.at_least([override], recipe_of().recipe)
 
 
 def test_bench_runs_each_variant_and_writes_the_table(tmp_path, capsys):

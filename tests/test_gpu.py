@@ -88,7 +88,9 @@ def test_optimized_variant_follows_the_plain_loss_curve(tmp_path):
         "logger=none",
     ]
     curves = {}
+    recipe = cli.resolve_overrides(base)[0].recipe
     for name, overrides in bench.parse_variants(BenchConfig().variants).items():
+        overrides = bench.at_least(overrides, recipe)
         assert cli.main(["run", *base, *overrides, f"output_dir={tmp_path / name}"]) == 0
         curves[name] = json.loads((tmp_path / name / "metrics.json").read_text())["train"]["loss_curve"]
     plain, optimized = curves["plain"], curves["optimized"]
