@@ -308,7 +308,7 @@ class BenchConfig:
     variants: List[str] = field(
         default_factory=lambda: [
             "plain: trainer.torch_compile=false trainer.liger=false trainer.cudnn_attention=true "
-            "trainer.expandable_segments=false",
+            "trainer.expandable_segments=false quant.upcast_unquantized=true quant.compiled_dequant=false",
             "optimized: trainer.torch_compile=true model.attn_implementation=fastest trainer.expandable_segments=true "
             "quant.upcast_unquantized=false trainer.micro_batch_size>=2",
         ]

@@ -100,6 +100,14 @@ def test_default_variants_are_the_plain_flow_and_the_optimized_one():
     variants = bench.parse_variants(BenchConfig().variants)
     assert list(variants) == ["plain", "optimized"]
     assert "trainer.torch_compile=false" in variants["plain"] and "trainer.liger=false" in variants["plain"]
+    # plain pins every speed setting optimized or a recipe could turn on, so none leaks into the baseline; attention
+    # and micro-batch stay the recipe's own (the original flow's --use_flash_attn and batch)
+    pinned = {o.split("=")[0] for o in variants["plain"]}
+    assert {"quant.compiled_dequant", "trainer.cudnn_attention"} <= pinned
+    assert {o.split("=")[0].split(">")[0] for o in variants["optimized"]} - pinned == {
+        "model.attn_implementation",
+        "trainer.micro_batch_size",
+    }
     # what docs/gpu.md measured as `optimized` (eighth session: 2.75x plain at 6.33 vs 6.62 GiB reserved)
     assert set(variants["optimized"]) == {
         "trainer.torch_compile=true",
