@@ -21,10 +21,16 @@ from typing import Any
 import torch
 
 
-def dequantize(packed: Any, absmax: Any, code: Any, blocksize: int, shape: Any, dtype: Any) -> Any:
-    """A 4-bit weight of `shape` in `dtype` from its packed bytes (any storage dtype) and float32 block absmax."""
+def dequantize(packed: Any, absmax: Any, code: Any, blocksize: int, shape: Any, dtype: Any, again: bool = False) -> Any:
+    """A 4-bit weight of `shape` in `dtype` from its packed bytes (any storage dtype) and float32 block absmax.
+
+    `again` (the backward's call) splits the bytes with division instead of shifts: the same nibbles, but other
+    ops, so that the compiler's common-subexpression pass does not merge it with the forward's dequantization, which
+    would make the partitioner keep the forward's weight for the backward (a materialized weight is never
+    recomputed) and hold a block's dequantized weights in memory, what re-dequantizing is for."""
     data = packed.reshape(-1).view(torch.uint8)
-    nibbles = torch.stack((data >> 4, data & 0x0F), dim=-1).reshape(-1).to(torch.int32)
+    high, low = (torch.div(data, 16, rounding_mode="floor"), data % 16) if again else (data >> 4, data & 0x0F)
+    nibbles = torch.stack((high, low), dim=-1).reshape(-1).to(torch.int32)
     values = code[nibbles].view(-1, blocksize) * absmax.view(-1, 1)
     return values.to(dtype).view(shape)
 
@@ -50,7 +56,7 @@ class Matmul4bit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         packed, absmax, code = ctx.saved_tensors
-        weight = dequantize(packed, absmax, code, ctx.blocksize, ctx.shape, grad.dtype)
+        weight = dequantize(packed, absmax, code, ctx.blocksize, ctx.shape, grad.dtype, again=True)
         return grad @ weight, None, None, None, None, None
 
 
