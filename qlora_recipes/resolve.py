@@ -405,11 +405,11 @@ def validate(resolved: Resolved) -> None:
         "quant.compiled_dequant=true computes nf4 weights (quant=nf4); this run has no 4-bit nf4 weights. Set it false",
     )
     need(
-        not q.compiled_dequant
-        or (t.torch_compile and not plan.shards_parameters(r) and r.backend is not Backend.unsloth),
+        not q.compiled_dequant or (t.torch_compile and not plan.shards_parameters(r)),
         "quant.compiled_dequant=true dequantizes inside the compiled decoder blocks: it needs trainer.torch_compile=true "
-        "(eager, its torch ops would be slower than bitsandbytes' kernels) and one whole model per GPU (dist=single or "
-        "ddp, not sharded, not backend=unsloth). Set it false or change those",
+        "(eager, its torch ops would be slower than bitsandbytes' kernels; not with backend=unsloth, which the rule on "
+        "trainer.torch_compile rejects) and one whole model per GPU (dist=single or ddp, not sharded). Set it false or "
+        "change those",
     )
     need(
         not r.dist.zero3_leaf_blocks or plan.is_zero3(r),
