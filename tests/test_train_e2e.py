@@ -55,7 +55,8 @@ def test_dry_run_writes_run_dir_and_trains_nothing(tmp_path, capsys):
 @pytest.mark.slow
 def test_torch_compile_trains_4bit_lora_like_eager(tmp_path):
     """trainer.torch_compile=true on the 4-bit tiny model (CPU: ~2 min of compiling each), with bitsandbytes' matmul
-    and with quant.compiled_dequant: the same run as eager to within 1% of the losses (issue 6's faithfulness rule; its GPU speed is measured in docs/performance.md)."""
+    and with quant.compiled_dequant: the same run as eager to within 1% of the losses (issue 6's faithfulness rule;
+    its GPU speed is measured in docs/performance.md)."""
     import json
 
     from conftest import TINY_TRAIN
