@@ -138,6 +138,8 @@ def training_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool =
     }
     if t.eval_strategy is Strategy.steps:
         kwargs["eval_steps"] = t.eval_steps
+    if t.lazy_metrics:  # the filter checks every micro-batch's loss on the host: a sync each (runner.sft_trainer_class)
+        kwargs["logging_nan_inf_filter"] = False
     if t.liger:  # TRL keeps its own fused LM head, so Liger's fused cross-entropy stays off
         kwargs["use_liger_kernel"] = True
     if t.gradient_checkpointing:
@@ -227,14 +229,17 @@ def zero3_leaf_blocks(recipe: RecipeConfig) -> bool:
     return recipe.dist.zero3_leaf_blocks and is_zero3(recipe)
 
 
-def zero3_overrides(recipe: RecipeConfig) -> dict[str, int]:
-    """Values for the DeepSpeed config's zero_optimization section that replace accelerate's "auto"."""
+def zero3_overrides(recipe: RecipeConfig) -> dict[str, int | bool]:
+    """Values for the DeepSpeed config's zero_optimization section that replace accelerate's "auto" or DeepSpeed's
+    defaults (`memory_efficient_linear` only when turned off; the runner also undoes what zero.Init did with it
+    while the weights loaded: runner.restore_torch_linear)."""
     dist = recipe.dist
     if not is_zero3(recipe):
         return {}
-    chosen = {
+    chosen: dict[str, int | bool | None] = {
         "stage3_param_persistence_threshold": dist.zero3_persistence_threshold,
         "stage3_prefetch_bucket_size": dist.zero3_prefetch_bucket_size,
+        "memory_efficient_linear": None if dist.zero3_memory_efficient_linear else False,
     }
     return {key: value for key, value in chosen.items() if value is not None}
 

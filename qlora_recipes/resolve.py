@@ -346,6 +346,11 @@ def validate(resolved: Resolved) -> None:
             "trainer.liger=false",
         )
     need(
+        not (t.lazy_metrics and t.kind.on_pairs),
+        f"trainer.lazy_metrics=true with trainer.kind={t.kind.value}: it changes how the SFT trainer reads its "
+        "metrics; DPO and ORPO read theirs as TRL does. Set trainer.lazy_metrics=false",
+    )
+    need(
         r.model.attn_implementation is not Attention.flash_attention_2 or device.flash_attn,
         "model.attn_implementation=flash_attention_2 but flash-attn is not installed (or no GPU): "
         "pip install flash-attn on a CUDA machine, or use model.attn_implementation=sdpa",
@@ -415,6 +420,11 @@ def validate(resolved: Resolved) -> None:
         not r.dist.zero3_leaf_blocks or plan.is_zero3(r),
         f"dist.zero3_leaf_blocks=true with dist={backend.value}: it is a ZeRO-3 setting (how parameters are "
         "fetched). Use dist=zero3 or set it false",
+    )
+    need(
+        r.dist.zero3_memory_efficient_linear or plan.is_zero3(r),
+        f"dist.zero3_memory_efficient_linear=false with dist={backend.value}: it is a ZeRO-3 setting (which linear "
+        "function DeepSpeed runs). Use dist=zero3 or leave it true",
     )
 
     # trainer kind and data shape

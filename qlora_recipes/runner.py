@@ -23,6 +23,7 @@ from qlora_recipes import data as data_mod
 from qlora_recipes import models, plan, plots, rundir
 from qlora_recipes.errors import Interrupted, RecipeError
 from qlora_recipes.materialize import from_pretrained_kwargs, lora_config, trainer_config
+from qlora_recipes.profiling import StepProfiler
 from qlora_recipes.report import fmt
 from qlora_recipes.resolve import Resolved
 from qlora_recipes.schema import Backend, DistBackend, RecipeConfig, TaskMetric, TrainerKind
@@ -275,31 +276,98 @@ def keep_float32_adapters(model: Any) -> None:
             param.data = param.data.float()
 
 
-def model_loss_trainer_class() -> type:
-    """SFTTrainer that takes the loss from the model's own forward.
+def sft_trainer_class(model_loss: bool, lazy_metrics: bool) -> type:
+    """TRL's SFTTrainer, or a subclass of it when the run needs one:
 
-    TRL 1.16 computes the SFT loss with a fused LM head that reads `lm_head.weight` directly, bypassing
-    any peft wrapper on the head: with trainable token rows on a tied head it fails ('no attribute
-    bias'), and a wrapped head's trained rows would not reach the loss. Used only in that case; it
-    keeps TRL's count of real training tokens."""
+    - `model_loss` (the LM head is peft-wrapped): take the loss from the model's own forward. TRL 1.16 computes
+      the SFT loss with a fused LM head that reads `lm_head.weight` directly, bypassing any peft wrapper on the
+      head: with trainable token rows on a tied head it fails ('no attribute bias'), and a wrapped head's trained
+      rows would not reach the loss. TRL's count of real training tokens is kept.
+    - `lazy_metrics` (`trainer.lazy_metrics`): TRL reads the micro-batch's token count, entropy and token
+      accuracy from the GPU as soon as each is computed, four host-GPU syncs a micro-batch, after each of which
+      the GPU idles until the host has queued new work. Here they stay on the GPU until the optimizer step ends,
+      then are read in one transfer; the loss is TRL's (same fused head, same normalisation) and so are the
+      logged values. TRL's other loss paths (label smoothing, DFT, MoE auxiliary loss, sequence parallelism)
+      keep TRL's own code."""
     import torch
-    from transformers import Trainer
+    from transformers import Trainer, TrainerCallback
     from trl import SFTTrainer
 
-    class ModelLossSFTTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if model.training:  # padding-free batches (packing) carry position_ids instead of a mask
-                mask = inputs.get("attention_mask")
-                if mask is not None:
-                    local = mask.sum()
-                else:
-                    ids = inputs["position_ids"]
-                    local = torch.tensor(ids.size(1), device=ids.device)
-                self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item()
-                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+    if not (model_loss or lazy_metrics):
+        return SFTTrainer
 
-    return ModelLossSFTTrainer
+    class RecipeSFTTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.pending_tokens: list[Any] = []  # per micro-batch: real tokens of every rank (GPU scalars)
+            self.pending_metrics: list[Any] = []  # per micro-batch: [label tokens, entropy sum, top-1 hits]
+            trainer = self
+
+            class Settle(TrainerCallback):  # before the step clock's callback, which reads the token count
+                def on_step_end(self, args, state, control, **kwargs):
+                    trainer.settle_metrics()
+
+            self.add_callback(Settle())
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model_loss:
+                if model.training:
+                    self.count_tokens(inputs)
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            if not (model.training and not return_outputs and self.plain_fused_loss()):
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self.count_tokens(inputs)
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)
+            num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+            loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+            if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # DDP averages gradients
+            sums = (outputs.label_mask.sum(), outputs.entropy.detach().sum(), outputs.is_top1.sum())
+            gather = self.accelerator.gather_for_metrics
+            self.pending_metrics.append(torch.stack([gather(x).sum().double() for x in sums]))
+            return loss
+
+        def plain_fused_loss(self) -> bool:
+            """Whether TRL would take the loss straight from its fused LM head (the path reimplemented above)."""
+            parallel = getattr(self.accelerator, "parallelism_config", None)
+            return (
+                self.compute_loss_func is None
+                and self.label_smoother is None
+                and self.args.loss_type == "nll"
+                and not self.aux_loss_enabled
+                and not getattr(parallel, "sp_enabled", False)
+            )
+
+        def count_tokens(self, inputs):
+            # padding-free batches (packing) carry position_ids instead of a mask; their count is made on the GPU by
+            # a fill kernel, not copied there from host memory (a host-to-GPU copy of pageable memory waits)
+            mask = inputs.get("attention_mask")
+            device = self.accelerator.device
+            local = mask.sum() if mask is not None else torch.full((), inputs["position_ids"].size(1), device=device)
+            every_rank = self.accelerator.gather_for_metrics(local).sum()
+            if lazy_metrics:
+                self.pending_tokens.append(every_rank)
+            else:
+                self._total_train_tokens += every_rank.item()
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+        def settle_metrics(self):
+            """Read the micro-batches' pending counts and sums from the GPU (one sync) into TRL's metrics."""
+            if self.pending_tokens:
+                self._total_train_tokens += int(torch.stack(self.pending_tokens).sum().item())
+                self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+            for valid, entropy, correct in torch.stack(self.pending_metrics).tolist() if self.pending_metrics else []:
+                self._metrics["train"]["entropy"].append(entropy / valid if valid > 0 else 0.0)
+                self._metrics["train"]["mean_token_accuracy"].append(correct / valid if valid > 0 else 0.0)
+            self.pending_tokens.clear()
+            self.pending_metrics.clear()
+
+        def log(self, logs, start_time=None):
+            self.settle_metrics()
+            super().log(logs, start_time)
+
+    return RecipeSFTTrainer
 
 
 def set_cuda_runtime(resolved: Resolved) -> None:
@@ -347,12 +415,18 @@ def setup_args(resolved: Resolved, run_dir: Path) -> Any:
 
 
 def setup_trainer(
-    args: Any, model: Any, tokenizer: Any, prepared: data_mod.Prepared, kind: TrainerKind, peft_config: Any = None
+    args: Any,
+    model: Any,
+    tokenizer: Any,
+    prepared: data_mod.Prepared,
+    kind: TrainerKind,
+    peft_config: Any = None,
+    lazy_metrics: bool = False,
 ) -> Any:
-    """TRL's SFTTrainer (or the model-loss variant); for preference pairs DPOTrainer or ORPOTrainer, given the
+    """TRL's SFTTrainer (or a subclass: sft_trainer_class); for preference pairs DPOTrainer or ORPOTrainer, given the
     adapter's peft_config: with no ref_model and a peft model, DPO's reference log-probabilities come from
     the adapter disabled (ORPO has no reference)."""
-    from trl import DPOTrainer, SFTTrainer
+    from trl import DPOTrainer
 
     if prepared.eval is None and args.eval_strategy != "no":
         log.info("no eval split: evaluation during training is off")
@@ -371,7 +445,7 @@ def setup_trainer(
     elif kind is TrainerKind.dpo:
         trainer = DPOTrainer(ref_model=None, peft_config=peft_config, **common)
     else:
-        trainer_class = model_loss_trainer_class() if head_is_wrapped(model) else SFTTrainer
+        trainer_class = sft_trainer_class(head_is_wrapped(model), lazy_metrics)
         trainer = trainer_class(**common)
     model = trainer.model
     if not (args.bf16 or args.fp16):
@@ -427,7 +501,7 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_VARIANTS)
         torch._logging.set_logs(recompiles=True)  # each recompile (a step that stalls for seconds) says why, on stderr
         for block in blocks:
-            block.compile(dynamic=True)
+            compile_block(block, hooks_outside=plan.shards_parameters(recipe))
         log.info(
             "torch.compile: %d %s blocks; the first steps compile them (about 2 min on a 7B shape on one H200)",
             len(blocks),
@@ -438,6 +512,86 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
 
         set_z3_leaf_modules(model, sorted({type(block) for block in blocks}, key=lambda cls: cls.__name__))
         log.info("ZeRO-3: each %s fetched as one unit", type(blocks[0]).__name__)
+
+
+def compile_block(block: Any, hooks_outside: bool) -> None:
+    """Compile a decoder block in place for any sequence length. `Module.compile` compiles the module's whole call,
+    its hooks included; FSDP2 and ZeRO-3 drive their all-gathers and releases from hooks on each block, which the
+    compiler cannot trace (FSDP2's are marked to be skipped, DeepSpeed's are wrapped in skipped nvtx functions and
+    recompile on its per-module backward objects: seen on an H200, docs/distributed.md), so each would break the
+    block's graph. With `hooks_outside`, only `forward` is compiled and the hooks run eagerly around it."""
+    import torch
+
+    if hooks_outside:
+        block.forward = torch.compile(block.forward, dynamic=True)
+    else:
+        block.compile(dynamic=True)
+
+
+def after_wrapping(trainer: Any, recipe: RecipeConfig) -> None:
+    """What is done to the model once accelerate has wrapped it, when training starts (a callback):
+
+    - FSDP2 with compiled blocks: every unshard puts FSDP's plain unsharded parameter back on each Linear4bit; it
+      lacks the 4-bit quantization state, so bitsandbytes 0.50 wraps it into a new Params4bit in every forward, a
+      module mutation the compiler cannot trace: each compiled block falls apart into many small graphs with
+      eager code between them (2x H200 trace, docs/distributed.md). FSDP2 keeps one unsharded parameter object
+      per weight for the whole run, so giving each the state once ends it (fsdp2_keep_quant_states).
+    - ZeRO-3 with dist.zero3_memory_efficient_linear=false: zero.Init replaced torch.nn.functional.linear while
+      the weights loaded, from the config as it was before the recipe's overrides; put torch's back."""
+    fsdp2 = recipe.dist.backend is DistBackend.fsdp and recipe.dist.fsdp_version == 2
+    keep_quant_states = fsdp2 and recipe.trainer.torch_compile and recipe.quant.load_in_4bit
+    torch_linear = plan.is_zero3(recipe) and not recipe.dist.zero3_memory_efficient_linear
+    if not (keep_quant_states or torch_linear):
+        return
+    from transformers import TrainerCallback
+
+    class AfterWrapping(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            if keep_quant_states:
+                log.info("FSDP2: 4-bit quantization state kept on %d unsharded weights", fsdp2_keep_quant_states(model))
+            if torch_linear and restore_torch_linear():
+                log.info("ZeRO-3: torch.nn.functional.linear restored (dist.zero3_memory_efficient_linear=false)")
+
+    trainer.add_callback(AfterWrapping())
+
+
+def fsdp2_keep_quant_states(model: Any) -> int:
+    """Unshard each FSDP2 unit once and attach its Linear4bit layers' quantization state to the unsharded weights
+    (the objects FSDP2 reuses at every unshard), so bitsandbytes never has to rebuild them. Returns how many."""
+    import bitsandbytes as bnb
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    kept = 0
+    for unit in model.modules():
+        if not isinstance(unit, FSDPModule):
+            continue
+        unit.unshard()  # this unit's own parameters only; nested units stay sharded (DTensors) and come in turn
+        for layer in unit.modules():
+            weight = getattr(layer, "weight", None)
+            if (
+                isinstance(layer, bnb.nn.Linear4bit)
+                and not isinstance(weight, DTensor)
+                and getattr(weight, "quant_state", None) is None
+                and getattr(layer, "quant_state", None) is not None
+            ):
+                weight.quant_state = layer.quant_state
+                kept += 1
+        unit.reshard()
+    return kept
+
+
+def restore_torch_linear() -> bool:
+    """Put back torch.nn.functional.linear if DeepSpeed's zero.Init replaced it (it keeps the original as
+    `linear_bk` and says the replacement persists "unless manually reset"). Returns whether it did."""
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses as patched
+
+    original = getattr(patched, "linear_bk", None)
+    if original is None or torch.nn.functional.linear is original:
+        return False
+    torch.nn.functional.linear = original
+    return True
 
 
 class StepClock:
@@ -472,74 +626,6 @@ class StepClock:
                 )
 
         return Clock()
-
-
-class StepProfiler:
-    """torch.profiler over the recipe's trainer.profile_steps (rank 0): operator tables sorted by GPU time
-    and by CPU time in RUN_DIR/profile/. The steps traced run slower; bench leaves them out."""
-
-    def __init__(self, steps: list[int], out: Path) -> None:
-        self.steps, self.out, self.profiler = sorted(steps), out, None
-
-    def callback(self) -> Any:
-        import torch
-        from transformers import TrainerCallback
-
-        prof = self
-
-        class Trace(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
-                if prof.profiler is None and state.global_step + 1 == prof.steps[0]:
-                    activities = [torch.profiler.ProfilerActivity.CPU]
-                    if torch.cuda.is_available():
-                        activities.append(torch.profiler.ProfilerActivity.CUDA)
-                    prof.profiler = torch.profiler.profile(activities=activities, record_shapes=False)
-                    prof.profiler.__enter__()
-
-            def on_step_end(self, args, state, control, **kwargs):
-                if prof.profiler is not None and state.global_step == prof.steps[-1]:
-                    prof.profiler.__exit__(None, None, None)
-                    prof.write(prof.profiler)
-                    prof.profiler = None
-
-        return Trace()
-
-    def write(self, profiler: Any) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        import torch
-
-        averages = profiler.key_averages()
-        kinds = ("cuda", "cpu") if torch.cuda.is_available() else ("cpu",)
-        for kind in kinds:
-            (self.out / f"ops_by_{kind}.txt").write_text(
-                averages.table(sort_by=f"self_{kind}_time_total", row_limit=40)
-            )
-        spans = [(e.time_range.start, e.time_range.end, e.device_type.name) for e in profiler.events()]
-        busy = gpu_busy(spans)
-        (self.out / "gpu_busy.json").write_text(json.dumps(busy, indent=2))
-        log.info("profiled steps: %s", json.dumps(busy))
-        log.info("profile of steps %s written to %s", self.steps, self.out)
-
-
-def gpu_busy(spans: list[tuple[float, float, str]]) -> dict[str, float | int | None]:
-    """Wall time of the traced steps and how much of it the GPU was running a kernel (the union of the device
-    spans), from profiler events as (start us, end us, device type name). A busy fraction well under 1 is a step
-    that waits on the host (Python, launches, syncs)."""
-    if not spans:
-        return {"wall_ms": 0.0, "gpu_busy_ms": None, "gpu_busy_fraction": None, "kernels": 0}
-    wall = max(end for _, end, _ in spans) - min(start for start, _, _ in spans)
-    device = sorted((start, end) for start, end, kind in spans if kind != "CPU")
-    busy, reach = 0.0, float("-inf")
-    for start, end in device:  # union of possibly overlapping intervals
-        if end > reach:
-            busy += end - max(start, reach)
-            reach = end
-    return {
-        "wall_ms": wall / 1e3,
-        "gpu_busy_ms": busy / 1e3 if device else None,
-        "gpu_busy_fraction": busy / wall if device and wall else None,
-        "kernels": len(device),
-    }
 
 
 class GracefulStop:
@@ -899,8 +985,9 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
     dpo, pairs = kind is TrainerKind.dpo, kind.on_pairs
     model = setup_model(resolved, checkpoint, tokenizer, new_ids, wrap_adapter=not pairs)  # TRL wraps it
     peft_config = adapter_config(recipe, model, new_ids) if pairs else None
-    trainer = setup_trainer(args, model, tokenizer, prepared, kind, peft_config)
+    trainer = setup_trainer(args, model, tokenizer, prepared, kind, peft_config, recipe.trainer.lazy_metrics)
     tune_blocks(trainer.model, recipe)
+    after_wrapping(trainer, recipe)
     report = trainable_report(trainer.model)
     log_trainable(report)
 

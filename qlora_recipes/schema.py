@@ -241,6 +241,10 @@ class DistConfig:
     # ZeRO-3: fetch each decoder block's parameters as one unit (DeepSpeed "leaf" modules), instead of hooking
     # every one of its ~30 submodules (each LoRA matrix, each 4-bit weight) and fetching them one by one
     zero3_leaf_blocks: bool = False
+    # ZeRO-3: DeepSpeed replaces torch.nn.functional.linear process-wide with its own autograd function (its
+    # `memory_efficient_linear`); false keeps torch's. In the 2x H200 trace of compiled blocks its calls ran outside
+    # the compiled graphs (docs/distributed.md); the LoRA matrices it would save memory on are small
+    zero3_memory_efficient_linear: bool = True
 
 
 @dataclass
@@ -273,6 +277,11 @@ class TrainerConfig:
     # mask of a new length every batch) it spends ~1 ms of host time a call planning; false leaves sdpa to its
     # flash / memory-efficient kernels (docs/performance.md)
     cudnn_attention: bool = True
+    # Keep each micro-batch's logged metrics (tokens, entropy, token accuracy) on the GPU until the optimizer step
+    # ends and read them in one transfer, instead of TRL's four host-GPU syncs a micro-batch (each leaves the GPU
+    # idle until the host queues more work); a NaN/inf loss is then logged as it is rather than replaced by the
+    # running average (transformers' logging_nan_inf_filter, itself a sync a micro-batch)
+    lazy_metrics: bool = False
     precision: Precision = Precision.auto
     logging_steps: int = 5
     eval_strategy: Strategy = Strategy.epoch
@@ -308,9 +317,10 @@ class BenchConfig:
     variants: List[str] = field(
         default_factory=lambda: [
             "plain: trainer.torch_compile=false trainer.liger=false trainer.cudnn_attention=true "
-            "trainer.expandable_segments=false quant.upcast_unquantized=true quant.compiled_dequant=false",
+            "trainer.expandable_segments=false quant.upcast_unquantized=true quant.compiled_dequant=false "
+            "trainer.lazy_metrics=false",
             "optimized: trainer.torch_compile=true model.attn_implementation=fastest trainer.expandable_segments=true "
-            "quant.upcast_unquantized=false trainer.micro_batch_size>=2",
+            "quant.upcast_unquantized=false trainer.micro_batch_size>=2 trainer.lazy_metrics=true",
         ]
     )
     profile: bool = False  # trace the last measured step of each variant with torch.profiler (left out of the figures)

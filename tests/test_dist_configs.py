@@ -134,6 +134,8 @@ def test_zero3_fetch_settings_replace_accelerates_auto(recipe_of):
     }
     ddp = recipe_of(*SHARDED_QLORA, "dist=ddp", "dist.zero3_persistence_threshold=5", device=GPUS).recipe
     assert plan.zero3_overrides(ddp) == {}
+    torch_linear = recipe_of(*SHARDED_QLORA, "dist=zero3", "dist.zero3_memory_efficient_linear=false", device=GPUS)
+    assert plan.zero3_overrides(torch_linear.recipe) == {"memory_efficient_linear": False}
 
 
 @pytest.mark.parametrize(
@@ -149,6 +151,7 @@ def test_zero3_fetch_settings_replace_accelerates_auto(recipe_of):
         (("dist=fsdp", "dist.fsdp_version=3"), GPUS, "fsdp_version=3"),
         (("dist=fsdp", "lora.train_new_tokens=false", "trainer.torch_compile=true"), GPUS, "FSDP v1's separate units"),
         (("dist=ddp", "dist.zero3_leaf_blocks=true"), GPUS, "it is a ZeRO-3 setting"),
+        (("dist=ddp", "dist.zero3_memory_efficient_linear=false"), GPUS, "which linear function DeepSpeed runs"),
     ],
 )
 def test_sharded_qlora_rules(recipe_of, overrides, device, message):

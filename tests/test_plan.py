@@ -275,3 +275,9 @@ def test_cudnn_attention_off_is_applied_process_wide(recipe_of):
         assert torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(True)
+
+
+def test_lazy_metrics_turn_off_the_per_micro_batch_nan_check(recipe_of):
+    lazy = plan.trainer_kwargs(recipe_of("trainer.lazy_metrics=true").recipe, "out")
+    assert lazy["logging_nan_inf_filter"] is False  # a NaN loss is logged as NaN; no host read a micro-batch
+    assert "logging_nan_inf_filter" not in plan.trainer_kwargs(recipe_of().recipe, "out")

@@ -101,3 +101,41 @@ def test_skipping_the_float32_upcast_still_trains_every_layers_adapter(train_run
     b_matrices = {key: value for key, value in weights.items() if "lora_B" in key}
     assert {key.split(".layers.")[1].split(".")[0] for key in b_matrices} == {"0", "1"}  # both blocks adapted
     assert all(value.abs().sum() > 0 for value in b_matrices.values()), "an adapter got no gradient"
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_lazy_metrics_log_what_trl_logs_with_fewer_gpu_reads(tmp_path, monkeypatch, packing):
+    """trainer.lazy_metrics: the same loss, token count, entropy and token accuracy at every logged step as TRL's
+    own compute_loss, with the micro-batches' metrics read once a step instead of three reads a micro-batch."""
+    from conftest import TINY_TRAIN
+    from transformers import Trainer
+
+    logged, reads = [], {"item": 0}
+    log, item = Trainer.log, torch.Tensor.item
+
+    def capture(self, logs, *args, **kwargs):
+        logged.append(dict(logs))
+        return log(self, logs, *args, **kwargs)
+
+    def counted(self):
+        reads["item"] += 1
+        return item(self)
+
+    monkeypatch.setattr(Trainer, "log", capture)
+    monkeypatch.setattr(torch.Tensor, "item", counted)
+    quiet = ["trainer.eval_strategy=no", "trainer.eval_before_train=false", "trainer.task_eval_samples=0"]
+    steps = ["trainer.max_steps=4", "trainer.logging_steps=1", "trainer.batch_size=4", "trainer.micro_batch_size=2"]
+    runs = {}
+    for lazy in (False, True):
+        logged.clear()
+        reads["item"] = 0
+        args = [*TINY_TRAIN, *quiet, *steps, f"trainer.packing={packing}", f"trainer.lazy_metrics={lazy}"]
+        assert cli.main(["run", *args, f"output_dir={tmp_path / str(lazy)}"]) == 0
+        runs[lazy] = ([h for h in logged if "loss" in h], reads["item"])
+    (eager, eager_reads), (lazy, lazy_reads) = runs[False], runs[True]
+    assert len(eager) == len(lazy) == 4
+    for a, b in zip(eager, lazy, strict=True):
+        assert a["num_tokens"] == b["num_tokens"] > 0
+        for key in ("loss", "entropy", "mean_token_accuracy", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+    assert lazy_reads + 3 * 8 - 4 <= eager_reads  # 8 micro-batches: 3 reads each, against one a step

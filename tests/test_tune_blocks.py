@@ -115,3 +115,96 @@ def test_compiled_dequant_blocks_share_one_graph_and_match_bitsandbytes(recipe_o
             for name, grad in grads.items():
                 torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    """A one-process gloo group (FSDP2 on CPU), torn down after the test."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_fsdp2_units_keep_the_4bit_state_and_compiled_blocks_stay_whole(recipe_of, tiny_checkpoint, gloo_group):
+    """Under FSDP2 bitsandbytes rebuilds each unsharded 4-bit weight in every forward (its quantization state is
+    not on FSDP's unsharded parameter), which breaks the compiled blocks into pieces; with the state kept on
+    FSDP's unsharded parameters the blocks compile whole and compute the same loss and gradients."""
+    from torch._dynamo.utils import counters
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from qlora_recipes.runner import compile_block, fsdp2_keep_quant_states
+
+    mesh = init_device_mesh("cpu", (1,))
+    runs = {}
+    for keep in (False, True):
+        _, model = tiny_model(recipe_of, tiny_checkpoint)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # non-zero, so that lora_A's gradients are not zero in both runs
+                torch.nn.init.normal_(param, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        for block in decoder_blocks(model):  # as tune_blocks does under sharding
+            compile_block(block, hooks_outside=True)
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        if keep:
+            assert fsdp2_keep_quant_states(model) == 14  # 2 blocks x 7 nf4 layers
+        model.train()
+        torch._dynamo.reset()
+        counters.clear()
+        loss, grads = loss_and_grads(model)
+        runs[keep] = (sum(counters["graph_break"].values()), loss, grads)
+    (broken, loss, grads), (whole, kept_loss, kept_grads) = runs[False], runs[True]
+    assert broken > 0 and whole == 0
+    assert torch.allclose(loss, kept_loss)
+    assert grads.keys() == kept_grads.keys()
+    for name, grad in grads.items():  # the same sums, fused differently: float32 rounding apart
+        assert torch.allclose(grad.full_tensor(), kept_grads[name].full_tensor(), atol=1e-6), name
+
+
+def test_zero3s_replacement_of_torch_linear_is_undone(monkeypatch):
+    """DeepSpeed's zero.Init swaps torch.nn.functional.linear for its own function and keeps the
+    original as `linear_bk`; runner.restore_torch_linear puts the original back, once. DeepSpeed is stood in for
+    by modules holding just that attribute (it is a GPU-machine dependency)."""
+    import sys
+    import types
+
+    from qlora_recipes.runner import restore_torch_linear
+
+    original = torch.nn.functional.linear
+
+    class InsertPostInitMethodToModuleSubClasses:
+        linear_bk = original
+
+    names = ["deepspeed", "deepspeed.runtime", "deepspeed.runtime.zero", "deepspeed.runtime.zero.partition_parameters"]
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules[names[-1]].InsertPostInitMethodToModuleSubClasses = InsertPostInitMethodToModuleSubClasses
+    monkeypatch.setattr(torch.nn.functional, "linear", lambda *args: original(*args))  # DeepSpeed's, as it were
+    assert restore_torch_linear() and torch.nn.functional.linear is original
+    assert not restore_torch_linear()  # nothing left to undo
+
+
+def test_sharded_blocks_compile_their_forward_and_leave_hooks_outside(recipe_of, tiny_checkpoint):
+    """FSDP2's and ZeRO-3's per-block hooks cannot be traced; a block compiled with its hooks outside the compiled
+    code runs them eagerly without breaking its graph, and computes what the whole-call compile does."""
+    from torch._dynamo.utils import counters
+
+    from qlora_recipes.runner import compile_block
+
+    def untraceable_hook(module, args, kwargs):  # stands in for an all-gather / release hook
+        torch._dynamo.graph_break()
+
+    outputs, breaks = {}, {}
+    for hooks_outside in (False, True):
+        _, model = tiny_model(recipe_of, tiny_checkpoint, "quant=none")
+        for block in decoder_blocks(model):
+            block.register_forward_pre_hook(untraceable_hook, with_kwargs=True)
+            compile_block(block, hooks_outside)
+        torch._dynamo.reset()
+        counters.clear()
+        outputs[hooks_outside] = loss_and_grads(model)[0]
+        breaks[hooks_outside] = sum(counters["graph_break"].values())
+    assert breaks[False] > 0 and breaks[True] == 0
+    assert torch.allclose(outputs[False], outputs[True])

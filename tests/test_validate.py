@@ -36,6 +36,7 @@ GPU = Device(kind="cuda", count=1, bf16=True)
         (("trainer.liger=true",), None, "Triton GPU kernels, used here for SFT on CUDA only"),
         (("trainer.liger=true",), GPU, "liger-kernel package is not installed"),
         (("+recipe=smollm2_dpo", "trainer.liger=true"), GPU, "SFT on CUDA only"),
+        (("+recipe=smollm2_dpo", "trainer.lazy_metrics=true"), None, "DPO and ORPO read theirs as TRL does"),
         (("template=tokenizer", "template.add_tokens=true"), None, "add_tokens=false"),
         (("trainer.loss_on=assistant", "data.format=text"), None, "no assistant turns"),
         (("trainer.eval_strategy=steps",), None, "eval_steps"),
