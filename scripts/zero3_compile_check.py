@@ -1,0 +1,59 @@
+"""ZeRO-3 on CPU (DeepSpeed, gloo, one process): do compiled decoder blocks stay whole under DeepSpeed's hooks?
+
+The tiny random Llama with LoRA on every linear, reentrant gradient checkpointing and leaf blocks, as the runner
+sets them up, trained 3 steps; prints each step's loss and dynamo's graph-break count, once with the block's whole
+call compiled (`Module.compile`, hooks inside) and once with only its `forward` (runner.compile_block under
+sharding). DeepSpeed is a GPU-machine dependency; here it comes from its wheel (GPU.md lists the carried ones):
+
+    pip install --target /tmp/dsenv --no-deps .whl/deepspeed-*.whl .whl/hjson-*.whl .whl/py_cpuinfo-*.whl
+    pip install --target /tmp/dsenv msgpack ninja einops
+    for o in 0 1; do HOOKS_OUTSIDE=$o PYTHONPATH=/tmp/dsenv DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 \
+        python -m torch.distributed.run --nproc_per_node 1 scripts/zero3_compile_check.py; done
+"""
+
+import os
+
+import deepspeed
+import torch
+from deepspeed.utils import set_z3_leaf_modules
+from peft import LoraConfig, get_peft_model
+from torch._dynamo.utils import counters
+from transformers import AutoModelForCausalLM
+
+from qlora_recipes.models import tiny_checkpoint
+from qlora_recipes.runner import COMPILE_VARIANTS, compile_block, decoder_blocks
+
+
+def main() -> None:
+    hooks_outside = os.environ.get("HOOKS_OUTSIDE") == "1"
+    deepspeed.init_distributed(dist_backend="gloo")
+    config = {
+        "train_micro_batch_size_per_gpu": 2,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+    }
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(), dtype=torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0))
+    blocks = decoder_blocks(model)
+    torch._dynamo.config.recompile_limit = COMPILE_VARIANTS
+    for block in blocks:
+        compile_block(block, hooks_outside)
+    set_z3_leaf_modules(model, [type(blocks[0])])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    torch.manual_seed(0)
+    for step in range(3):
+        ids = torch.randint(0, 100, (2, 32))
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        breaks = sum(counters["graph_break"].values())
+        print(f"hooks_outside={hooks_outside} step {step}: loss {loss.item():.4f}, graph breaks {breaks}", flush=True)
+    for reason, count in counters["graph_break"].items():
+        print(f"  {count} x {reason.splitlines()[0][:120]}")
+
+
+if __name__ == "__main__":
+    main()
