@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue 5's throughput call on a 2-GPU machine (device tool, carry .whl): the single-GPU run, then the named sharded
+# variants (traced: profile/idle.json says where the GPU waits), all on the Llama-2-7B shape with the optimized
+# settings, one table with the single-GPU run as baseline. Usage: bash scripts/gpu_dist_bench.sh fsdp2 [zero3 zero3tl ...]
+# A compiled 2-GPU variant takes ~4-5 min with its load; the single run on a fresh machine also builds the checkpoint,
+# so two sharded variants do not fit one 10-minute call: run one per call (NO_INSTALL=1 on a warm machine).
+set -u
+O="trainer.torch_compile=true model.attn_implementation=fastest trainer.expandable_segments=true trainer.micro_batch_size>=2 trainer.lazy_metrics=true"
+Z3="$O dist=zero3 dist.zero3_leaf_blocks=true dist.zero3_prefetch_bucket_size=60000000"
+declare -A SHARDED=(
+  [fsdp2]="$O dist=fsdp dist.fsdp_version=2"
+  [zero3]="$Z3"
+  [zero3tl]="$Z3 dist.zero3_memory_efficient_linear=false"
+)
+export COMMON="+recipe=llama2_chatml bench.shape=llama2_7b bench.steps=10 bench.warmup=5 lora.train_new_tokens=false"
+[ -d /tmp/qrc/models/bench-llama2_7b ] && first=130 || first=230  # the first run on a machine builds the checkpoint
+TIMEOUT=$first VARIANTS="single: $O quant.upcast_unquantized=false" bash scripts/gpu_bench.sh || exit 1
+for name in "$@"; do
+  [ -n "${SHARDED[$name]:-}" ] || { echo "unknown variant $name (${!SHARDED[*]})"; exit 2; }
+  NO_INSTALL=1 APPEND=1 TIMEOUT=${TIMEOUT_SHARDED:-330} COMMON="$COMMON bench.profile=true" \
+    VARIANTS="$name: ${SHARDED[$name]}" bash scripts/gpu_bench.sh
+done
