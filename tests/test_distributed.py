@@ -8,7 +8,7 @@ import psutil
 import pytest
 from conftest import TINY_TRAIN
 
-from qlora_recipes import plan
+from qlora_recipes import cli, plan
 from qlora_recipes.resolve import Device
 
 DDP = ["dist=ddp", "dist.num_processes=2", "trainer.micro_batch_size=4"]
@@ -97,3 +97,21 @@ def test_ddp_checkpoint_resumes_under_ddp(train_run):
     assert cli.main(["train", str(run_dir), "--resume"]) == 0
     state = json.loads((run_dir / "checkpoint-10" / "trainer_state.json").read_text())
     assert state["global_step"] == 10 and [h["step"] for h in state["log_history"] if "loss" in h][-1] == 10
+
+
+def test_lazy_metrics_under_ddp_log_what_trl_logs(tmp_path):
+    """trainer.lazy_metrics with 2 processes: the micro-batches' counts and sums are gathered across ranks on the
+    device and read at the step's end; the logged loss, tokens (of both ranks), entropy and accuracy match TRL's."""
+    history = {}
+    for lazy in (False, True):
+        run_dir = tmp_path / f"lazy_{lazy}"
+        steps = ["trainer.max_steps=3", "trainer.logging_steps=1", "trainer.save_steps=3", "trainer.eval_strategy=no"]
+        args = [*TINY_TRAIN, *DDP, *steps, "trainer.task_eval_samples=0", f"trainer.lazy_metrics={lazy}"]
+        assert cli.main(["run", *args, f"output_dir={run_dir}"]) == 0
+        state = json.loads((run_dir / "checkpoint-3" / "trainer_state.json").read_text())
+        history[lazy] = [h for h in state["log_history"] if "loss" in h]
+    assert len(history[False]) == len(history[True]) == 3
+    for eager, lazy in zip(history[False], history[True], strict=True):
+        assert eager["num_tokens"] == lazy["num_tokens"] > 0
+        for key in ("loss", "entropy", "mean_token_accuracy"):
+            assert lazy[key] == pytest.approx(eager[key], rel=1e-5), key
