@@ -217,8 +217,11 @@ def shards_parameters(recipe: RecipeConfig) -> bool:
 def loads_on_own_gpu(recipe: RecipeConfig) -> bool:
     """Whether each process loads the whole (quantized) model onto its GPU before training starts: all but
     FSDP v1 and ZeRO-3, which load on CPU/meta and shard as they go. FSDP2 shards a loaded 4-bit model."""
-    dist = recipe.dist
-    return not shards_parameters(recipe) or (dist.backend is DistBackend.fsdp and dist.fsdp_version == 2)
+    return not shards_parameters(recipe) or is_fsdp2(recipe)
+
+
+def is_fsdp2(recipe: RecipeConfig) -> bool:
+    return recipe.dist.backend is DistBackend.fsdp and recipe.dist.fsdp_version == 2
 
 
 def is_zero3(recipe: RecipeConfig) -> bool:
@@ -267,7 +270,7 @@ def accelerate_config(recipe: RecipeConfig, on_cpu: bool) -> dict[str, Any]:
         config["main_process_port"] = dist.main_process_port
     if dist.backend is DistBackend.ddp and dist.num_processes * dist.num_machines > 1:
         config["distributed_type"] = "MULTI_CPU" if on_cpu else "MULTI_GPU"
-    elif dist.backend is DistBackend.fsdp and dist.fsdp_version == 2:
+    elif is_fsdp2(recipe):
         config["distributed_type"] = "FSDP"
         config["fsdp_config"] = {
             "fsdp_version": 2,

@@ -179,9 +179,7 @@ def refuse_fsdp2_tied_new_rows(recipe: RecipeConfig, checkpoint: str, new_token_
     """FSDP2 with trainable new-token rows on a model whose input and output embeddings are one tensor fails
     inside accelerate's sharding of the embedding (`fully_shard`: "Invariant encountered"; seen on an H200 with
     accelerate 1.15 and torch 2.11, docs/distributed.md): said before the weights load, with the ways out."""
-    dist = recipe.dist
-    fsdp2 = dist.backend is DistBackend.fsdp and dist.fsdp_version == 2
-    if not (fsdp2 and new_token_ids and plan.trains_new_token_rows(recipe)):
+    if not (plan.is_fsdp2(recipe) and new_token_ids and plan.trains_new_token_rows(recipe)):
         return
     if models.config_dict(recipe.model).get("tie_word_embeddings", False):
         raise RecipeError(
@@ -538,8 +536,7 @@ def after_wrapping(trainer: Any, recipe: RecipeConfig) -> None:
       per weight for the whole run, so giving each the state once ends it (fsdp2_keep_quant_states).
     - ZeRO-3 with dist.zero3_memory_efficient_linear=false: zero.Init replaced torch.nn.functional.linear while
       the weights loaded, from the config as it was before the recipe's overrides; put torch's back."""
-    fsdp2 = recipe.dist.backend is DistBackend.fsdp and recipe.dist.fsdp_version == 2
-    keep_quant_states = fsdp2 and recipe.trainer.torch_compile and recipe.quant.load_in_4bit
+    keep_quant_states = plan.is_fsdp2(recipe) and recipe.trainer.torch_compile and recipe.quant.load_in_4bit
     torch_linear = plan.is_zero3(recipe) and not recipe.dist.zero3_memory_efficient_linear
     if not (keep_quant_states or torch_linear):
         return
