@@ -422,9 +422,10 @@ def validate(resolved: Resolved) -> None:
         "fetched). Use dist=zero3 or set it false",
     )
     need(
-        r.dist.zero3_memory_efficient_linear or plan.is_zero3(r),
-        f"dist.zero3_memory_efficient_linear=false with dist={backend.value}: it is a ZeRO-3 setting (which linear "
-        "function DeepSpeed runs). Use dist=zero3 or leave it true",
+        r.dist.zero3_memory_efficient_linear is None or plan.is_zero3(r),
+        f"dist.zero3_memory_efficient_linear={str(r.dist.zero3_memory_efficient_linear).lower()} with "
+        f"dist={backend.value}: it is a ZeRO-3 setting (which linear function DeepSpeed runs). Use dist=zero3 or "
+        "leave it unset (null)",
     )
 
     # trainer kind and data shape

@@ -534,10 +534,10 @@ def after_wrapping(trainer: Any, recipe: RecipeConfig) -> None:
       module mutation the compiler cannot trace: each compiled block falls apart into many small graphs with
       eager code between them (2x H200 trace, docs/distributed.md). FSDP2 keeps one unsharded parameter object
       per weight for the whole run, so giving each the state once ends it (fsdp2_keep_quant_states).
-    - ZeRO-3 with dist.zero3_memory_efficient_linear=false: zero.Init replaced torch.nn.functional.linear while
+    - ZeRO-3 keeping torch's linear (plan.zero3_torch_linear): zero.Init replaced torch.nn.functional.linear while
       the weights loaded, from the config as it was before the recipe's overrides; put torch's back."""
     keep_quant_states = plan.is_fsdp2(recipe) and recipe.trainer.torch_compile and recipe.quant.load_in_4bit
-    torch_linear = plan.is_zero3(recipe) and not recipe.dist.zero3_memory_efficient_linear
+    torch_linear = plan.zero3_torch_linear(recipe)
     if not (keep_quant_states or torch_linear):
         return
     from transformers import TrainerCallback
@@ -547,7 +547,7 @@ def after_wrapping(trainer: Any, recipe: RecipeConfig) -> None:
             if keep_quant_states:
                 log.info("FSDP2: 4-bit quantization state kept on %d unsharded weights", fsdp2_keep_quant_states(model))
             if torch_linear and restore_torch_linear():
-                log.info("ZeRO-3: torch.nn.functional.linear restored (dist.zero3_memory_efficient_linear=false)")
+                log.info("ZeRO-3: torch.nn.functional.linear restored (dist.zero3_memory_efficient_linear)")
 
     trainer.add_callback(AfterWrapping())
 

@@ -242,9 +242,10 @@ class DistConfig:
     # every one of its ~30 submodules (each LoRA matrix, each 4-bit weight) and fetching them one by one
     zero3_leaf_blocks: bool = False
     # ZeRO-3: DeepSpeed replaces torch.nn.functional.linear process-wide with its own autograd function (its
-    # `memory_efficient_linear`); false keeps torch's. In the 2x H200 trace of compiled blocks its calls ran outside
-    # the compiled graphs (docs/distributed.md); the LoRA matrices it would save memory on are small
-    zero3_memory_efficient_linear: bool = True
+    # `memory_efficient_linear`); false keeps torch's. None = false with compiled blocks (trainer.torch_compile: on an
+    # H200 its backward guards on each LoRA weight's DeepSpeed id, so every block compiled anew; docs/distributed.md),
+    # else DeepSpeed's. The LoRA matrices it would save memory on are small
+    zero3_memory_efficient_linear: Optional[bool] = None
 
 
 @dataclass

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 5's throughput call on a 2-GPU machine (device tool, carry .whl): the single-GPU run, then the named sharded
 # variants (traced: profile/idle.json says where the GPU waits), all on the Llama-2-7B shape with the optimized
-# settings, one table with the single-GPU run as baseline. Usage: bash scripts/gpu_dist_bench.sh fsdp2 [zero3 zero3tl ...]
+# settings, one table with the single-GPU run as baseline. Usage: bash scripts/gpu_dist_bench.sh fsdp2 [zero3 zero3dsl ...]
 # A compiled 2-GPU variant takes ~4-5 min with its load; the single run on a fresh machine also builds the checkpoint,
 # so two sharded variants do not fit one 10-minute call: run one per call (NO_INSTALL=1 on a warm machine).
 set -u
@@ -10,7 +10,7 @@ Z3="$O dist=zero3 dist.zero3_leaf_blocks=true dist.zero3_prefetch_bucket_size=60
 declare -A SHARDED=(
   [fsdp2]="$O dist=fsdp dist.fsdp_version=2"
   [zero3]="$Z3"
-  [zero3tl]="$Z3 dist.zero3_memory_efficient_linear=false"
+  [zero3dsl]="$Z3 dist.zero3_memory_efficient_linear=true"  # DeepSpeed's linear kept (recompiles each block)
 )
 export COMMON="+recipe=llama2_chatml bench.shape=llama2_7b bench.steps=10 bench.warmup=5 lora.train_new_tokens=false"
 [ -d /tmp/qrc/models/bench-llama2_7b ] && first=130 || first=230  # the first run on a machine builds the checkpoint

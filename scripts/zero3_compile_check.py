@@ -9,6 +9,10 @@ sharding). DeepSpeed is a GPU-machine dependency; here it comes from its wheel (
     pip install --target /tmp/dsenv msgpack ninja einops
     for o in 0 1; do HOOKS_OUTSIDE=$o PYTHONPATH=/tmp/dsenv DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 \
         python -m torch.distributed.run --nproc_per_node 1 scripts/zero3_compile_check.py; done
+
+DEEPSPEED_LINEAR=1 also installs DeepSpeed's replacement F.linear (what zero.Init leaves on GPU machines) and the
+printed graph count says whether blocks recompiled (on CPU with torch 2.13 they do not; on an H200 with torch 2.11
+they did, docs/gpu.md eleventh session).
 """
 
 import os
@@ -27,6 +31,12 @@ from qlora_recipes.runner import COMPILE_VARIANTS, compile_block, decoder_blocks
 def main() -> None:
     hooks_outside = os.environ.get("HOOKS_OUTSIDE") == "1"
     deepspeed.init_distributed(dist_backend="gloo")
+    if (
+        os.environ.get("DEEPSPEED_LINEAR") == "1"
+    ):  # what zero.Init leaves behind on GPU machines (runner.restore_torch_linear)
+        from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+        torch.nn.functional.linear = zero3_linear_wrap
     config = {
         "train_micro_batch_size_per_gpu": 2,
         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
@@ -50,7 +60,10 @@ def main() -> None:
         engine.backward(loss)
         engine.step()
         breaks = sum(counters["graph_break"].values())
-        print(f"hooks_outside={hooks_outside} step {step}: loss {loss.item():.4f}, graph breaks {breaks}", flush=True)
+        print(
+            f"hooks_outside={hooks_outside} step {step}: loss {loss.item():.4f}, graph breaks {breaks}, graphs {counters['stats']['unique_graphs']}",
+            flush=True,
+        )
     for reason, count in counters["graph_break"].items():
         print(f"  {count} x {reason.splitlines()[0][:120]}")
 

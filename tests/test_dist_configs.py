@@ -134,8 +134,21 @@ def test_zero3_fetch_settings_replace_accelerates_auto(recipe_of):
     }
     ddp = recipe_of(*SHARDED_QLORA, "dist=ddp", "dist.zero3_persistence_threshold=5", device=GPUS).recipe
     assert plan.zero3_overrides(ddp) == {}
-    torch_linear = recipe_of(*SHARDED_QLORA, "dist=zero3", "dist.zero3_memory_efficient_linear=false", device=GPUS)
-    assert plan.zero3_overrides(torch_linear.recipe) == {"memory_efficient_linear": False}
+
+
+@pytest.mark.parametrize(
+    "overrides, torch_linear",
+    [
+        ((), False),  # DeepSpeed's default
+        (("dist.zero3_memory_efficient_linear=false",), True),
+        (("trainer.torch_compile=true",), True),  # unset with compiled blocks: torch's (its backward recompiles them)
+        (("trainer.torch_compile=true", "dist.zero3_memory_efficient_linear=true"), False),
+    ],
+)
+def test_zero3_linear_follows_the_setting_or_the_compiled_blocks(recipe_of, overrides, torch_linear):
+    recipe = recipe_of(*SHARDED_QLORA, "dist=zero3", *overrides, device=GPUS).recipe
+    assert plan.zero3_torch_linear(recipe) is torch_linear
+    assert plan.zero3_overrides(recipe) == ({"memory_efficient_linear": False} if torch_linear else {})
 
 
 @pytest.mark.parametrize(
@@ -152,6 +165,11 @@ def test_zero3_fetch_settings_replace_accelerates_auto(recipe_of):
         (("dist=fsdp", "lora.train_new_tokens=false", "trainer.torch_compile=true"), GPUS, "FSDP v1's separate units"),
         (("dist=ddp", "dist.zero3_leaf_blocks=true"), GPUS, "it is a ZeRO-3 setting"),
         (("dist=ddp", "dist.zero3_memory_efficient_linear=false"), GPUS, "which linear function DeepSpeed runs"),
+        (
+            ("dist=fsdp", "lora.train_new_tokens=false", "dist.zero3_memory_efficient_linear=true"),
+            GPUS,
+            "leave it unset",
+        ),
     ],
 )
 def test_sharded_qlora_rules(recipe_of, overrides, device, message):
