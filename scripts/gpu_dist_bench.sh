@@ -4,6 +4,7 @@
 # settings, one table with the single-GPU run as baseline. Usage: bash scripts/gpu_dist_bench.sh fsdp2 [zero3 zero3dsl ...]
 # A compiled 2-GPU variant takes ~4-5 min with its load; the single run on a fresh machine also builds the checkpoint,
 # so two sharded variants do not fit one 10-minute call: run one per call (NO_INSTALL=1 on a warm machine).
+# PROCS=1 runs the sharded variants as one process (a 1-GPU machine: the sharding's hooks without communication).
 set -u
 O="trainer.torch_compile=true model.attn_implementation=fastest trainer.expandable_segments=true trainer.micro_batch_size>=2 trainer.lazy_metrics=true"
 Z3="$O dist=zero3 dist.zero3_leaf_blocks=true dist.zero3_prefetch_bucket_size=60000000"
@@ -18,5 +19,5 @@ TIMEOUT=$first VARIANTS="single: $O quant.upcast_unquantized=false" bash scripts
 for name in "$@"; do
   [ -n "${SHARDED[$name]:-}" ] || { echo "unknown variant $name (${!SHARDED[*]})"; exit 2; }
   NO_INSTALL=1 APPEND=1 TIMEOUT=${TIMEOUT_SHARDED:-330} COMMON="$COMMON bench.profile=true" \
-    VARIANTS="$name: ${SHARDED[$name]}" bash scripts/gpu_bench.sh
+    VARIANTS="$name: ${SHARDED[$name]}${PROCS:+ dist.num_processes=$PROCS}" bash scripts/gpu_bench.sh
 done
