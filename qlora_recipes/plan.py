@@ -140,6 +140,8 @@ def training_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool =
         kwargs["eval_steps"] = t.eval_steps
     if t.lazy_metrics:  # the filter checks every micro-batch's loss on the host: a sync each (runner.sft_trainer_class)
         kwargs["logging_nan_inf_filter"] = False
+    if t.async_inputs and not on_cpu:  # the DataLoader pins batches (transformers' default) for these async copies
+        kwargs["accelerator_config"] = {"non_blocking": True}
     if t.liger:  # TRL keeps its own fused LM head, so Liger's fused cross-entropy stays off
         kwargs["use_liger_kernel"] = True
     if t.gradient_checkpointing:

@@ -283,6 +283,10 @@ class TrainerConfig:
     # idle until the host queues more work); a NaN/inf loss is then logged as it is rather than replaced by the
     # running average (transformers' logging_nan_inf_filter, itself a sync a micro-batch)
     lazy_metrics: bool = False
+    # Copy each batch to the GPU without waiting (accelerate's non_blocking, from the DataLoader's pinned memory):
+    # a blocking copy waits until the GPU has finished all the work queued before it, so the GPU then idles while
+    # the host queues the next micro-batch's kernels (docs/performance.md)
+    async_inputs: bool = False
     precision: Precision = Precision.auto
     logging_steps: int = 5
     eval_strategy: Strategy = Strategy.epoch
@@ -319,7 +323,7 @@ class BenchConfig:
         default_factory=lambda: [
             "plain: trainer.torch_compile=false trainer.liger=false trainer.cudnn_attention=true "
             "trainer.expandable_segments=false quant.upcast_unquantized=true quant.compiled_dequant=false "
-            "trainer.lazy_metrics=false",
+            "trainer.lazy_metrics=false trainer.async_inputs=false",
             "optimized: trainer.torch_compile=true model.attn_implementation=fastest trainer.expandable_segments=true "
             "quant.upcast_unquantized=false trainer.micro_batch_size>=2 trainer.lazy_metrics=true",
         ]

@@ -281,3 +281,13 @@ def test_lazy_metrics_turn_off_the_per_micro_batch_nan_check(recipe_of):
     lazy = plan.trainer_kwargs(recipe_of("trainer.lazy_metrics=true").recipe, "out")
     assert lazy["logging_nan_inf_filter"] is False  # a NaN loss is logged as NaN; no host read a micro-batch
     assert "logging_nan_inf_filter" not in plan.trainer_kwargs(recipe_of().recipe, "out")
+
+
+def test_async_inputs_ask_accelerate_for_non_blocking_copies_on_gpus(recipe_of, tmp_path):
+    from trl import SFTConfig
+
+    recipe = recipe_of("trainer.async_inputs=true", "trainer.precision=fp32").recipe
+    assert "accelerator_config" not in plan.trainer_kwargs(recipe, tmp_path, on_cpu=True)  # nothing to overlap
+    assert "accelerator_config" not in plan.trainer_kwargs(recipe_of().recipe, tmp_path, on_cpu=False)
+    args = SFTConfig(**plan.trainer_kwargs(recipe, tmp_path, on_cpu=False))
+    assert args.accelerator_config.non_blocking and args.dataloader_pin_memory  # copies from pinned batches
