@@ -243,8 +243,8 @@ def zero3_torch_linear(recipe: RecipeConfig) -> bool:
 
 def zero3_overrides(recipe: RecipeConfig) -> dict[str, int | bool]:
     """Values for the DeepSpeed config's zero_optimization section that replace accelerate's "auto" or DeepSpeed's
-    defaults (`memory_efficient_linear` only when turned off; the runner also undoes what zero.Init did with it
-    while the weights loaded: runner.restore_torch_linear)."""
+    defaults (`memory_efficient_linear` only when torch's linear is kept, zero3_torch_linear; the runner also undoes
+    what zero.Init did with it while the weights loaded: runner.restore_torch_linear)."""
     dist = recipe.dist
     if not is_zero3(recipe):
         return {}
