@@ -31,9 +31,8 @@ from qlora_recipes.runner import COMPILE_VARIANTS, compile_block, decoder_blocks
 def main() -> None:
     hooks_outside = os.environ.get("HOOKS_OUTSIDE") == "1"
     deepspeed.init_distributed(dist_backend="gloo")
-    if (
-        os.environ.get("DEEPSPEED_LINEAR") == "1"
-    ):  # what zero.Init leaves behind on GPU machines (runner.restore_torch_linear)
+    # DEEPSPEED_LINEAR=1: what zero.Init leaves behind on GPU machines (runner.restore_torch_linear)
+    if os.environ.get("DEEPSPEED_LINEAR") == "1":
         from deepspeed.runtime.zero.linear import zero3_linear_wrap
 
         torch.nn.functional.linear = zero3_linear_wrap
@@ -60,9 +59,9 @@ def main() -> None:
         engine.backward(loss)
         engine.step()
         breaks = sum(counters["graph_break"].values())
+        graphs = counters["stats"]["unique_graphs"]
         print(
-            f"hooks_outside={hooks_outside} step {step}: loss {loss.item():.4f}, graph breaks {breaks}, graphs {counters['stats']['unique_graphs']}",
-            flush=True,
+            f"hooks_outside={hooks_outside} step {step}: loss {loss.item():.4f}, graph breaks {breaks}, graphs {graphs}"
         )
     for reason, count in counters["graph_break"].items():
         print(f"  {count} x {reason.splitlines()[0][:120]}")
