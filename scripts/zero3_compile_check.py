@@ -10,12 +10,21 @@ sharding). DeepSpeed is a GPU-machine dependency; here it comes from its wheel (
     for o in 0 1; do HOOKS_OUTSIDE=$o PYTHONPATH=/tmp/dsenv DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 \
         python -m torch.distributed.run --nproc_per_node 1 scripts/zero3_compile_check.py; done
 
+STAGE=0 runs the same engine without partitioning and STEPS=N trains N steps, printing the median step time of
+those after the fifth: the host cost of ZeRO-3's per-module gather/release bookkeeping, which on a GPU leaves it idle
+(docs/distributed.md):
+
+    for s in 0 3; do STAGE=$s STEPS=25 HOOKS_OUTSIDE=1 PYTHONPATH=/tmp/dsenv DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 \
+        python -m torch.distributed.run --nproc_per_node 1 scripts/zero3_compile_check.py | tail -2; done
+
 DEEPSPEED_LINEAR=1 also installs DeepSpeed's replacement F.linear (what zero.Init leaves on GPU machines) and the
 printed graph count says whether blocks recompiled (on CPU with torch 2.13 they do not; on an H200 with torch 2.11
 they did, docs/gpu.md eleventh session).
 """
 
 import os
+import statistics
+import time
 
 import deepspeed
 import torch
@@ -38,7 +47,7 @@ def main() -> None:
         torch.nn.functional.linear = zero3_linear_wrap
     config = {
         "train_micro_batch_size_per_gpu": 2,
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {"stage": int(os.environ.get("STAGE", "3")), "stage3_param_persistence_threshold": 0},
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
     }
     model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(), dtype=torch.float32)
@@ -53,11 +62,14 @@ def main() -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     torch.manual_seed(0)
-    for step in range(3):
+    seconds = []
+    for step in range(int(os.environ.get("STEPS", "3"))):
+        started = time.perf_counter()
         ids = torch.randint(0, 100, (2, 32))
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
+        seconds.append(time.perf_counter() - started)
         breaks = sum(counters["graph_break"].values())
         graphs = counters["stats"]["unique_graphs"]
         print(
@@ -65,6 +77,11 @@ def main() -> None:
         )
     for reason, count in counters["graph_break"].items():
         print(f"  {count} x {reason.splitlines()[0][:120]}")
+    if len(seconds) > 5:
+        stage = config["zero_optimization"]["stage"]
+        print(
+            f"ZeRO stage {stage}: median step {statistics.median(seconds[5:]) * 1e3:.1f} ms over {len(seconds) - 5} steps"
+        )
 
 
 if __name__ == "__main__":
