@@ -325,7 +325,8 @@ class BenchConfig:
             "trainer.expandable_segments=false quant.upcast_unquantized=true quant.compiled_dequant=false "
             "trainer.lazy_metrics=false trainer.async_inputs=false",
             "optimized: trainer.torch_compile=true model.attn_implementation=fastest trainer.expandable_segments=true "
-            "quant.upcast_unquantized=false trainer.micro_batch_size>=2 trainer.lazy_metrics=true",
+            "quant.upcast_unquantized=false trainer.micro_batch_size>=2 trainer.lazy_metrics=true "
+            "trainer.async_inputs=true",
         ]
     )
     profile: bool = False  # trace the last measured step of each variant with torch.profiler (left out of the figures)

@@ -6,7 +6,7 @@
 # so two sharded variants do not fit one 10-minute call: run one per call (NO_INSTALL=1 on a warm machine).
 # PROCS=1 runs the sharded variants as one process (a 1-GPU machine: the sharding's hooks without communication).
 set -u
-O="trainer.torch_compile=true model.attn_implementation=fastest trainer.expandable_segments=true trainer.micro_batch_size>=2 trainer.lazy_metrics=true"
+O="trainer.torch_compile=true model.attn_implementation=fastest trainer.expandable_segments=true trainer.micro_batch_size>=2 trainer.lazy_metrics=true trainer.async_inputs=true"
 Z3="$O dist=zero3 dist.zero3_leaf_blocks=true dist.zero3_prefetch_bucket_size=60000000"
 declare -A SHARDED=(
   [fsdp2]="$O dist=fsdp dist.fsdp_version=2"

@@ -109,7 +109,7 @@ def test_default_variants_are_the_plain_flow_and_the_optimized_one():
         "trainer.micro_batch_size",
     }
     # what docs/gpu.md measured as `optimized` (eighth session: 2.75x plain at 6.33 vs 6.62 GiB reserved), with lazy
-    # metrics (tenth session: 1.09x over it in the same call)
+    # metrics (tenth session: 1.09x over it in the same call) and async inputs (eleventh: 1.07x and 1.05x)
     assert set(variants["optimized"]) == {
         "trainer.torch_compile=true",
         "model.attn_implementation=fastest",
@@ -117,6 +117,7 @@ def test_default_variants_are_the_plain_flow_and_the_optimized_one():
         "quant.upcast_unquantized=false",
         "trainer.micro_batch_size>=2",
         "trainer.lazy_metrics=true",
+        "trainer.async_inputs=true",
     }
 
 
