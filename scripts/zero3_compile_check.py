@@ -17,11 +17,14 @@ those after the fifth: the host cost of ZeRO-3's per-module gather/release bookk
     for s in 0 3; do STAGE=$s STEPS=25 HOOKS_OUTSIDE=1 PYTHONPATH=/tmp/dsenv DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 \
         python -m torch.distributed.run --nproc_per_node 1 scripts/zero3_compile_check.py | tail -2; done
 
+PROFILE=FILE writes a cProfile of the steps after the fifth (compiling left out) to FILE.
+
 DEEPSPEED_LINEAR=1 also installs DeepSpeed's replacement F.linear (what zero.Init leaves on GPU machines) and the
 printed graph count says whether blocks recompiled (on CPU with torch 2.13 they do not; on an H200 with torch 2.11
 they did, docs/gpu.md eleventh session).
 """
 
+import cProfile
 import os
 import statistics
 import time
@@ -63,7 +66,10 @@ def main() -> None:
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     torch.manual_seed(0)
     seconds = []
+    profiler = cProfile.Profile() if os.environ.get("PROFILE") else None
     for step in range(int(os.environ.get("STEPS", "3"))):
+        if profiler is not None and step == 5:
+            profiler.enable()
         started = time.perf_counter()
         ids = torch.randint(0, 100, (2, 32))
         loss = engine(input_ids=ids, labels=ids).loss
@@ -75,6 +81,9 @@ def main() -> None:
         print(
             f"hooks_outside={hooks_outside} step {step}: loss {loss.item():.4f}, graph breaks {breaks}, graphs {graphs}"
         )
+    if profiler is not None:
+        profiler.disable()
+        profiler.dump_stats(os.environ["PROFILE"])
     for reason, count in counters["graph_break"].items():
         print(f"  {count} x {reason.splitlines()[0][:120]}")
     if len(seconds) > 5:
