@@ -452,6 +452,7 @@ def setup_trainer(
     if fsdp_plugin is not None and fsdp_plugin.fsdp_version == 2:
         # one FSDP2 unit per decoder block, its LoRA weights inside: one all-gather per block
         fsdp_plugin.transformer_cls_names_to_wrap = list(getattr(model, "_no_split_modules", None) or [])
+        fsdp2_keep_output_dtypes(fsdp_plugin)
     elif fsdp_plugin is not None and hasattr(model, "peft_config"):
         # As the original: wrap the LoRA layers in their own FSDP units, since FSDP v1 (use_orig_params=False)
         # cannot flatten frozen base weights and trainable adapters into one parameter.
@@ -459,6 +460,31 @@ def setup_trainer(
 
         fsdp_plugin.auto_wrap_policy = fsdp_auto_wrap_policy(trainer.model)
     return trainer
+
+
+def fsdp2_keep_output_dtypes(fsdp_plugin: Any) -> None:
+    """FSDP2's mixed-precision policy as accelerate builds it, and as transformers builds it again for QLoRA when
+    training starts (`update_fsdp_plugin_peft`, override=True), casts every floating-point output of every FSDP2
+    unit to the compute dtype (`output_dtype`=bf16). TRL computes the SFT loss from per-token log-probabilities
+    that the model's forward returns in float32, so under FSDP2 they, the loss and the logged metrics came out
+    bf16 (2x H200: the loss logged in steps of 1/16 near 11, docs/distributed.md). FSDP v1, ZeRO-3 and one GPU do
+    not cast outputs. This keeps each output's own dtype (output_dtype None) whenever the policy is set, now or
+    later; parameters, gradient reduction and the cast of the inputs stay as accelerate sets them."""
+    import dataclasses
+
+    set_policy = fsdp_plugin.set_mixed_precision
+
+    def without_output_cast() -> None:
+        policy = fsdp_plugin.mixed_precision_policy
+        if dataclasses.is_dataclass(policy) and getattr(policy, "output_dtype", None) is not None:
+            fsdp_plugin.mixed_precision_policy = dataclasses.replace(policy, output_dtype=None)
+
+    def set_mixed_precision(*args: Any, **kwargs: Any) -> None:
+        set_policy(*args, **kwargs)
+        without_output_cast()
+
+    fsdp_plugin.set_mixed_precision = set_mixed_precision
+    without_output_cast()
 
 
 def decoder_blocks(model: Any) -> list[Any]:

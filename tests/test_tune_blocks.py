@@ -208,3 +208,35 @@ def test_sharded_blocks_compile_their_forward_and_leave_hooks_outside(recipe_of,
         breaks[hooks_outside] = sum(counters["graph_break"].values())
     assert breaks[False] > 0 and breaks[True] == 0
     assert torch.allclose(outputs[False], outputs[True])
+
+
+def test_fsdp2_keeps_the_models_float32_outputs(recipe_of, tiny_checkpoint, gloo_group):
+    """accelerate's FSDP2 policy (set when the Accelerator starts, and again by transformers for QLoRA when training
+    starts, override=True) casts the model's outputs to bf16: the loss it computes in float32 comes out rounded.
+    fsdp2_keep_output_dtypes drops only that cast, at once and at every later setting of the policy."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from qlora_recipes.runner import fsdp2_keep_output_dtypes
+
+    mesh = init_device_mesh("cpu", (1,))
+    losses = {}
+    for keep in (False, True):
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+        plugin.set_mixed_precision("bf16")  # the Accelerator's, from the launch config
+        if keep:
+            fsdp2_keep_output_dtypes(plugin)
+            assert plugin.mixed_precision_policy.output_dtype is None
+        plugin.set_mixed_precision(torch.bfloat16, override=True)  # transformers' update_fsdp_plugin_peft
+        policy = plugin.mixed_precision_policy
+        assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.bfloat16)
+        assert policy.output_dtype == (None if keep else torch.bfloat16)
+        _, model = tiny_model(recipe_of, tiny_checkpoint, "quant=none")
+        for block in decoder_blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        ids = torch.arange(3, 53).unsqueeze(0)
+        losses[keep] = model(input_ids=ids, labels=ids).loss.detach()
+    assert losses[False].dtype == torch.bfloat16 and losses[True].dtype == torch.float32
+    assert losses[True].to(torch.bfloat16) == losses[False]  # the same loss, only no longer rounded
