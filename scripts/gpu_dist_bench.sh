@@ -5,6 +5,8 @@
 # A compiled 2-GPU variant takes ~4-5 min with its load; the single run on a fresh machine also builds the checkpoint,
 # so two sharded variants do not fit one 10-minute call: run one per call (NO_INSTALL=1 on a warm machine).
 # PROCS=1 runs the sharded variants as one process (a 1-GPU machine: the sharding's hooks without communication).
+# ROUNDS=2 runs the whole sequence twice in the call (on a warm machine with the checkpoint built, single + one
+# sharded variant twice fit 10 minutes: ~220 s a round in the twelfth session's calls).
 set -u
 O="trainer.torch_compile=true model.attn_implementation=fastest trainer.expandable_segments=true trainer.micro_batch_size>=2 trainer.lazy_metrics=true trainer.async_inputs=true"
 Z3="$O dist=zero3 dist.zero3_leaf_blocks=true dist.zero3_prefetch_bucket_size=60000000"
@@ -14,10 +16,17 @@ declare -A SHARDED=(
   [zero3dsl]="$Z3 dist.zero3_memory_efficient_linear=true"  # DeepSpeed's linear kept (recompiles each block)
 )
 export COMMON="+recipe=llama2_chatml bench.shape=llama2_7b bench.steps=10 bench.warmup=5 lora.train_new_tokens=false"
-[ -d /tmp/qrc/models/bench-llama2_7b ] && first=130 || first=230  # the first run on a machine builds the checkpoint
-TIMEOUT=$first VARIANTS="single: $O quant.upcast_unquantized=false" bash scripts/gpu_bench.sh || exit 1
-for name in "$@"; do
-  [ -n "${SHARDED[$name]:-}" ] || { echo "unknown variant $name (${!SHARDED[*]})"; exit 2; }
-  NO_INSTALL=1 APPEND=1 TIMEOUT=${TIMEOUT_SHARDED:-330} COMMON="$COMMON bench.profile=true" \
-    VARIANTS="$name: ${SHARDED[$name]}${PROCS:+ dist.num_processes=$PROCS}" bash scripts/gpu_bench.sh
+for round in $(seq 1 "${ROUNDS:-1}"); do
+  # ROUNDS=2: single, sharded, single, sharded in one call (names suffixed _r1, _r2), the same-call spread of each;
+  # only the first round's sharded runs are traced
+  suffix=; [ "${ROUNDS:-1}" = 1 ] || suffix=_r$round
+  [ "$round" = 1 ] || export NO_INSTALL=1 APPEND=1
+  [ -d /tmp/qrc/models/bench-llama2_7b ] && first=130 || first=230  # the first run on a machine builds the checkpoint
+  TIMEOUT=$first VARIANTS="single$suffix: $O quant.upcast_unquantized=false" bash scripts/gpu_bench.sh || exit 1
+  profile=; [ "$round" = 1 ] && profile=" bench.profile=true"
+  for name in "$@"; do
+    [ -n "${SHARDED[$name]:-}" ] || { echo "unknown variant $name (${!SHARDED[*]})"; exit 2; }
+    NO_INSTALL=1 APPEND=1 TIMEOUT=${TIMEOUT_SHARDED:-330} COMMON="$COMMON$profile" \
+      VARIANTS="$name$suffix: ${SHARDED[$name]}${PROCS:+ dist.num_processes=$PROCS}" bash scripts/gpu_bench.sh
+  done
 done
