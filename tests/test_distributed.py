@@ -115,3 +115,72 @@ def test_lazy_metrics_under_ddp_log_what_trl_logs(tmp_path):
         assert eager["num_tokens"] == lazy["num_tokens"] > 0
         for key in ("loss", "entropy", "mean_token_accuracy"):
             assert lazy[key] == pytest.approx(eager[key], rel=1e-5), key
+
+
+def _clip_both_ways(rank: int, world: int, rendezvous: str) -> None:
+    """One gloo process: FSDP2 over a toy model with uneven shards and per-process data; the local-shard clipping
+    and torch's own over the DTensors give the same norm and the same clipped gradients."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from qlora_recipes.runner import sharded_clip_grad_norm_
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    # 7 and 5 rows: shards of 4 and 3, 3 and 2 rows
+    model = torch.nn.Sequential(torch.nn.Linear(16, 7), torch.nn.ReLU(), torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    torch.manual_seed(1 + rank)  # each process its own data, as data parallelism has it
+    model(torch.randn(4, 16)).square().sum().backward()
+    params = list(model.parameters())
+    unclipped = [p.grad.to_local().clone() for p in params]
+    assert sharded_clip_grad_norm_(params, 0.1, norm_type=float("inf")) is None  # only the 2-norm is done here
+    total = sharded_clip_grad_norm_(params, max_norm=0.1)
+    ours = [p.grad.full_tensor() for p in params]
+    for param, grad in zip(params, unclipped, strict=True):
+        param.grad.to_local().copy_(grad)
+    reference_total = torch.nn.utils.clip_grad_norm_(params, max_norm=0.1).full_tensor()
+    assert total > 1.0  # the norm is well above max_norm: the gradients were scaled
+    assert torch.allclose(total, reference_total, rtol=1e-6), (total, reference_total)
+    for mine, theirs in zip(ours, [p.grad.full_tensor() for p in params], strict=True):
+        assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-8)
+    assert sharded_clip_grad_norm_([torch.nn.Parameter(torch.ones(2))], 0.1) is None  # no grad: nothing to do
+    plain = torch.nn.Parameter(torch.ones(2))
+    plain.grad = torch.ones(2)
+    assert sharded_clip_grad_norm_([plain], 0.1) is None and torch.equal(plain.grad, torch.ones(2))  # not FSDP2's
+    dist.destroy_process_group()
+
+
+def test_fsdp2_clipping_from_local_shards_matches_torchs(tmp_path):
+    """runner.sharded_clip_grad_norm_ (FSDP2's clipping without DTensor dispatch) against
+    torch.nn.utils.clip_grad_norm_ on the same DTensor gradients, two gloo processes on CPU."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_clip_both_ways, args=(2, str(tmp_path / "rendezvous")), nprocs=2)
+
+
+def test_fsdp2_clipping_falls_back_to_accelerates_for_other_gradients():
+    """The wrapped Accelerator.clip_grad_norm_ hands anything but FSDP2 shards (here plain gradients) to
+    accelerate's own, with its arguments, and leaves the gradients to it."""
+    import types
+
+    import torch
+
+    from qlora_recipes.runner import fsdp2_clip_local_shards
+
+    calls = []
+    accelerator = types.SimpleNamespace(
+        clip_grad_norm_=lambda params, max_norm, norm_type=2: (
+            calls.append((len(params), max_norm, norm_type)) or "accelerate's"
+        )
+    )
+    fsdp2_clip_local_shards(accelerator)
+    param = torch.nn.Parameter(torch.ones(3))
+    param.grad = torch.ones(3)
+    assert accelerator.clip_grad_norm_(iter([param]), 1.0) == "accelerate's"
+    assert accelerator.clip_grad_norm_([param], 1.0, norm_type=1) == "accelerate's"
+    assert calls == [(1, 1.0, 2), (1, 1.0, 1)] and torch.equal(param.grad, torch.ones(3))
