@@ -492,40 +492,52 @@ def fsdp2_clip_local_shards(accelerator: Any) -> None:
     """Gradient clipping under FSDP2 from each process's own shards (sharded_clip_grad_norm_) instead of
     accelerate's DTensor path, which dispatches torch's foreach norm, stack and scaling through DTensor for every
     LoRA gradient (448 on a 7B model): a 30 ms gap of a 686 ms traced step in which the GPU had nothing to do (2x
-    H200, docs/distributed.md). Falls back to accelerate's own when the gradients are not all FSDP2 shards."""
+    H200, docs/distributed.md). Anything but FSDP2 shards and the 2-norm goes to accelerate's own."""
     clip = accelerator.clip_grad_norm_
 
     def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2) -> Any:
         parameters = list(parameters)
-        total = sharded_clip_grad_norm_(parameters, max_norm, norm_type)
-        return clip(parameters, max_norm, norm_type) if total is None else total
+        if norm_type != 2 or fsdp2_grad_shards(parameters) is None:
+            return clip(parameters, max_norm, norm_type)
+        accelerator.unscale_gradients()  # as accelerate's own does first (nothing to do without an fp16 scaler)
+        return sharded_clip_grad_norm_(parameters, max_norm)
 
     accelerator.clip_grad_norm_ = clip_grad_norm_
 
 
-def sharded_clip_grad_norm_(parameters: list[Any], max_norm: float, norm_type: float = 2) -> Any:
-    """torch.nn.utils.clip_grad_norm_ for gradients that are DTensors sharded on dim 0 over one 1-D mesh (FSDP2),
-    computed on the local shards: each process's sum of squares, one all-reduce, then the same clamped scale
-    applied to the shards in place. Shards are disjoint, so the sum over processes is the whole norm. Returns
-    the total norm (a plain tensor, the same on every process), or None (nothing done) when the gradients are
-    anything else (plain tensors, other placements or meshes, another device than the mesh's) or the norm is not
-    the 2-norm."""
-    import torch
-    import torch.distributed as dist
+def fsdp2_grad_shards(parameters: list[Any]) -> Any:
+    """The parameters' gradients as FSDP2 leaves them, DTensors sharded on dim 0 over one 1-D mesh, with that mesh;
+    None when they are anything else (plain tensors, other placements or meshes, on another device than the
+    mesh's, e.g. offloaded to CPU beside an NCCL group) or there are none."""
     from torch.distributed.tensor import DTensor, Shard
 
     grads = [p.grad for p in parameters if p.grad is not None]
-    if norm_type != 2 or not grads or not isinstance(grads[0], DTensor):
+    if not grads or not isinstance(grads[0], DTensor):
         return None
     mesh = grads[0].device_mesh
     if mesh.ndim != 1 or any(
         not isinstance(g, DTensor)
         or g.device_mesh != mesh
         or tuple(g.placements) != (Shard(0),)
-        or g.device.type != mesh.device_type  # e.g. gradients offloaded to CPU beside an NCCL group
+        or g.device.type != mesh.device_type
         for g in grads
     ):
         return None
+    return grads, mesh
+
+
+def sharded_clip_grad_norm_(parameters: list[Any], max_norm: float) -> Any:
+    """torch.nn.utils.clip_grad_norm_ (2-norm) for FSDP2's sharded gradients (fsdp2_grad_shards), computed on the
+    local shards: each process's sum of squares, one all-reduce, then the same clamped scale applied to the
+    shards in place. Shards are disjoint, so the sum over processes is the whole norm. Returns the total norm (a
+    plain tensor, the same on every process), or None, touching nothing, when the gradients are not FSDP2's."""
+    import torch
+    import torch.distributed as dist
+
+    sharded = fsdp2_grad_shards(parameters)
+    if sharded is None:
+        return None
+    grads, mesh = sharded
     with torch.no_grad():
         shards = [g.to_local() for g in grads]  # views of the gradients' local storage
         squares = torch.stack(torch._foreach_norm(shards)).float().square().sum()

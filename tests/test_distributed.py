@@ -119,13 +119,16 @@ def test_lazy_metrics_under_ddp_log_what_trl_logs(tmp_path):
 
 def _clip_both_ways(rank: int, world: int, rendezvous: str) -> None:
     """One gloo process: FSDP2 over a toy model with uneven shards and per-process data; the local-shard clipping
-    and torch's own over the DTensors give the same norm and the same clipped gradients."""
+    (through the wrapped Accelerator.clip_grad_norm_) and torch's own over the DTensors give the same norm and the
+    same clipped gradients."""
+    import types
+
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from qlora_recipes.runner import sharded_clip_grad_norm_
+    from qlora_recipes.runner import fsdp2_clip_local_shards, sharded_clip_grad_norm_
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
@@ -138,8 +141,15 @@ def _clip_both_ways(rank: int, world: int, rendezvous: str) -> None:
     model(torch.randn(4, 16)).square().sum().backward()
     params = list(model.parameters())
     unclipped = [p.grad.to_local().clone() for p in params]
-    assert sharded_clip_grad_norm_(params, 0.1, norm_type=float("inf")) is None  # only the 2-norm is done here
-    total = sharded_clip_grad_norm_(params, max_norm=0.1)
+    calls = []
+    accelerator = types.SimpleNamespace(  # accelerate's clip is only for what the local path does not take
+        clip_grad_norm_=lambda params, max_norm, norm_type=2: calls.append(norm_type) or "accelerate's",
+        unscale_gradients=lambda: calls.append("unscale"),
+    )
+    fsdp2_clip_local_shards(accelerator)
+    assert accelerator.clip_grad_norm_(params, 0.1, norm_type=1) == "accelerate's"  # not the 2-norm
+    total = accelerator.clip_grad_norm_(iter(params), 0.1)
+    assert calls == [1, "unscale"]
     ours = [p.grad.full_tensor() for p in params]
     for param, grad in zip(params, unclipped, strict=True):
         param.grad.to_local().copy_(grad)
@@ -164,8 +174,8 @@ def test_fsdp2_clipping_from_local_shards_matches_torchs(tmp_path):
 
 
 def test_fsdp2_clipping_falls_back_to_accelerates_for_other_gradients():
-    """The wrapped Accelerator.clip_grad_norm_ hands anything but FSDP2 shards (here plain gradients) to
-    accelerate's own, with its arguments, and leaves the gradients to it."""
+    """The wrapped Accelerator.clip_grad_norm_ hands anything but FSDP2 shards and the 2-norm (here plain
+    gradients) to accelerate's own, with its arguments, and leaves the gradients to it."""
     import types
 
     import torch
