@@ -497,10 +497,11 @@ def fsdp2_clip_local_shards(accelerator: Any) -> None:
 
     def clip_grad_norm_(parameters: Any, max_norm: float, norm_type: float = 2) -> Any:
         parameters = list(parameters)
-        if norm_type != 2 or fsdp2_grad_shards(parameters) is None:
+        sharded = fsdp2_grad_shards(parameters) if norm_type == 2 else None
+        if sharded is None:
             return clip(parameters, max_norm, norm_type)
         accelerator.unscale_gradients()  # as accelerate's own does first (nothing to do without an fp16 scaler)
-        return sharded_clip_grad_norm_(parameters, max_norm)
+        return sharded_clip_grad_norm_(*sharded, max_norm)
 
     accelerator.clip_grad_norm_ = clip_grad_norm_
 
@@ -526,18 +527,14 @@ def fsdp2_grad_shards(parameters: list[Any]) -> Any:
     return grads, mesh
 
 
-def sharded_clip_grad_norm_(parameters: list[Any], max_norm: float) -> Any:
-    """torch.nn.utils.clip_grad_norm_ (2-norm) for FSDP2's sharded gradients (fsdp2_grad_shards), computed on the
-    local shards: each process's sum of squares, one all-reduce, then the same clamped scale applied to the
-    shards in place. Shards are disjoint, so the sum over processes is the whole norm. Returns the total norm (a
-    plain tensor, the same on every process), or None, touching nothing, when the gradients are not FSDP2's."""
+def sharded_clip_grad_norm_(grads: list[Any], mesh: Any, max_norm: float) -> Any:
+    """torch.nn.utils.clip_grad_norm_ (2-norm) for FSDP2's sharded gradients and their mesh (fsdp2_grad_shards),
+    computed on the local shards: each process's sum of squares, one all-reduce, then the same clamped scale
+    applied to the shards in place. Shards are disjoint, so the sum over processes is the whole norm. Returns the
+    total norm, a plain tensor, the same on every process."""
     import torch
     import torch.distributed as dist
 
-    sharded = fsdp2_grad_shards(parameters)
-    if sharded is None:
-        return None
-    grads, mesh = sharded
     with torch.no_grad():
         shards = [g.to_local() for g in grads]  # views of the gradients' local storage
         squares = torch.stack(torch._foreach_norm(shards)).float().square().sum()

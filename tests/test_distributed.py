@@ -128,7 +128,7 @@ def _clip_both_ways(rank: int, world: int, rendezvous: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from qlora_recipes.runner import fsdp2_clip_local_shards, sharded_clip_grad_norm_
+    from qlora_recipes.runner import fsdp2_clip_local_shards, fsdp2_grad_shards
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
@@ -158,15 +158,16 @@ def _clip_both_ways(rank: int, world: int, rendezvous: str) -> None:
     assert torch.allclose(total, reference_total, rtol=1e-6), (total, reference_total)
     for mine, theirs in zip(ours, [p.grad.full_tensor() for p in params], strict=True):
         assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-8)
-    assert sharded_clip_grad_norm_([torch.nn.Parameter(torch.ones(2))], 0.1) is None  # no grad: nothing to do
+    assert fsdp2_grad_shards(params) is not None
+    assert fsdp2_grad_shards([torch.nn.Parameter(torch.ones(2))]) is None  # no grad: nothing to clip
     plain = torch.nn.Parameter(torch.ones(2))
     plain.grad = torch.ones(2)
-    assert sharded_clip_grad_norm_([plain], 0.1) is None and torch.equal(plain.grad, torch.ones(2))  # not FSDP2's
+    assert fsdp2_grad_shards([plain]) is None  # not FSDP2's: accelerate's clipping
     dist.destroy_process_group()
 
 
 def test_fsdp2_clipping_from_local_shards_matches_torchs(tmp_path):
-    """runner.sharded_clip_grad_norm_ (FSDP2's clipping without DTensor dispatch) against
+    """runner.fsdp2_clip_local_shards (FSDP2's clipping without DTensor dispatch) against
     torch.nn.utils.clip_grad_norm_ on the same DTensor gradients, two gloo processes on CPU."""
     import torch.multiprocessing as mp
 
