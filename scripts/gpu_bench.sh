@@ -6,9 +6,7 @@
 # combining them, the first variant as the baseline. APPEND=1 keeps the results of an earlier run of this script on
 # the same (still warm) machine in that table, e.g. a second run with other COMMON overrides.
 set -u
-[ -n "${NO_INSTALL:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=$PWD:/tmp/site HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1
-export QLORA_RECIPES_CACHE=/tmp/qrc
+source scripts/gpu_env.sh || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 [ -n "${APPEND:-}" ] || rm -rf /tmp/benchjson
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/cards.txt"

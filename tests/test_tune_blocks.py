@@ -16,6 +16,17 @@ def tiny_model(recipe_of, checkpoint, *overrides):
     return resolved.recipe, setup_model(resolved, checkpoint, tokenizer, new_ids)
 
 
+def train_checkpointed(model):
+    """Reentrant gradient checkpointing and input gradients, as the Trainer sets them, in train mode; lora_B made
+    non-zero, so that lora_A's gradients are not zero."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    model.train()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+
+
 def loss_and_grads(model, length=50):  # not 64, the hidden size: dynamo would equate the two
     ids = torch.arange(3, 3 + length).unsqueeze(0)
     loss = model(input_ids=ids, labels=ids).loss
@@ -33,12 +44,7 @@ def test_compiled_blocks_share_one_graph_and_train_like_eager(recipe_of, tiny_ch
     recipe, model = tiny_model(
         recipe_of, tiny_checkpoint, "quant=none", "trainer.gradient_checkpointing=true", "trainer.torch_compile=true"
     )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})  # as the Trainer does
-    model.enable_input_require_grads()
-    model.train()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:  # non-zero, so that lora_A's gradients are not zero in both runs
-            torch.nn.init.normal_(param, std=0.02)
+    train_checkpointed(model)
     names = [n for n, _ in model.named_parameters()]
     eager_loss, eager_grads = loss_and_grads(model)
     torch._dynamo.reset()
@@ -58,6 +64,53 @@ def test_compiled_blocks_share_one_graph_and_train_like_eager(recipe_of, tiny_ch
     assert grads.keys() == eager_grads.keys() and len(grads) == 28
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-5)
+
+
+def saved_bytes(model, length=50):
+    """Bytes of the tensors one training forward keeps for its backward, the parameters' own storage left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.arange(3, 3 + length).unsqueeze(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):  # the forward only: what it keeps
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad()
+    return sum(saved.values())
+
+
+def test_compiled_checkpointed_blocks_keep_no_activations_and_recompute_the_same_dropout(recipe_of, tiny_checkpoint):
+    """transformers (5.23) checkpoints inside each block's forward, so compiling the block traces the checkpoint
+    into its graph: the compiled backward recomputes the block. It must keep for the backward no more than eager
+    checkpointing does (not the block's activations, not its LoRA dropout masks: ~4.6 GB of masks on a 7B model at
+    4,096 tokens a micro-batch), and the recompute must draw the forward's dropout masks: the same gradients as the
+    compiled block without checkpointing, same seed."""
+    recipe, model = tiny_model(
+        recipe_of, tiny_checkpoint, "quant=none", "lora.dropout=0.1", "trainer.torch_compile=true"
+    )
+    train_checkpointed(model)
+    eager_checkpointed = saved_bytes(model)
+    model.gradient_checkpointing_disable()
+    eager_whole = saved_bytes(model)
+    assert eager_whole > 3 * eager_checkpointed  # what the probe tells apart
+
+    tune_blocks(model, recipe)
+    torch.manual_seed(1)
+    _, whole_grads = loss_and_grads(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    # on top of eager's: each block's RNG state and the rotary cos/sin (1.14x here); masks would make it ~1.6x
+    assert saved_bytes(model) <= 1.25 * eager_checkpointed
+    torch.manual_seed(1)
+    _, grads = loss_and_grads(model)
+    assert grads.keys() == whole_grads.keys() and len(grads) == 28
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, whole_grads[name], rtol=1e-5, atol=1e-7)
 
 
 def test_tune_blocks_names_what_it_cannot_find(recipe_of):
@@ -96,12 +149,7 @@ def test_compiled_dequant_blocks_share_one_graph_and_match_bitsandbytes(recipe_o
         "quant.compiled_dequant=true",
         "trainer.gradient_checkpointing=true",
     )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})  # as the Trainer does
-    model.enable_input_require_grads()
-    model.train()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
+    train_checkpointed(model)
     eager_loss, eager_grads = loss_and_grads(model)
     torch._dynamo.reset()
     counters.clear()

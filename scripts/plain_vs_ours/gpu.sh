@@ -4,8 +4,7 @@
 # process per variant, in one device call; table.py prints the table. Results: docs/gpu.md.
 set -u
 START=$SECONDS; REPO=$PWD; OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-[ -n "${NO_INSTALL:-}" ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>&1 | tail -2
-export PYTHONPATH=$REPO:/tmp/site HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 NCCL_NVLS_ENABLE=0 PYTHONUNBUFFERED=1 QLORA_RECIPES_CACHE=/tmp/qrc
+source scripts/gpu_env.sh || exit 1
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee $OUT/cards.txt
 lscpu | grep -E "Model name|^CPU\(s\)" | tee -a $OUT/cards.txt
 cd /tmp
