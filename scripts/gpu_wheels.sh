@@ -18,8 +18,10 @@ target="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp 
 "$PYTHON" -m pip wheel -q --no-deps antlr4-python3-runtime==4.9.3 -w "$DIR"
 # The project's pinned Hugging Face stack (pyproject.toml), which the image has older versions of (transformers 5.17,
 # peft 0.21.0): in $DIR/hf, installed ahead of the image's unless a run sets HF_STACK=image (scripts/gpu_env.sh).
+# huggingface-hub 1.33 (transformers 5.23 takes >= 1.31): the 2.x line imports httpx2, which the image lacks.
+rm -f "$DIR"/hf/huggingface_hub-2.*.whl
 "$PYTHON" -m pip download -q $target -d "$DIR/hf" --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  transformers==5.23.0 peft==0.21.2 huggingface-hub==2.4.0 tokenizers==0.23.3 safetensors==0.8.0 regex==2026.11.19
+  transformers==5.23.0 peft==0.21.2 huggingface-hub==1.33.0 tokenizers==0.23.3 safetensors==0.8.0 regex==2026.11.19
 # bitsandbytes ships a kernel library per CUDA/ROCm version (43 MB); the image's torch is cu130, and the device tool
 # carries 64 MiB at most: keep the CUDA 13 and CPU libraries (and drop the others' lines from the wheel's RECORD).
 "$PYTHON" - "$DIR"/bitsandbytes-0.50.2-*.whl <<'PY'
