@@ -579,7 +579,8 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
         import torch._logging
 
         # Packed batches change length every step, and a block is entered with and without an attention mask and,
-        # under reentrant checkpointing, with and without grad: compile for any length at once and leave room for
+        # where checkpointing wraps the block's call rather than its forward (transformers 5.17 did; 5.23 checkpoints
+        # inside the compiled forward), with and without grad: compile for any length at once and leave room for
         # those few variants, which past dynamo's default of 8 would fall back to eager for the rest of the run.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_VARIANTS)
         torch._logging.set_logs(recompiles=True)  # each recompile (a step that stalls for seconds) says why, on stderr
