@@ -1,12 +1,12 @@
-"""Host cost of where gradient checkpointing sits around a compiled decoder block, on CPU (issue 6).
+"""Host cost of where gradient checkpointing sits relative to a compiled decoder block, on CPU (issue 6).
 
 transformers 5.23 (our pin) checkpoints inside each block's `forward`, so `runner.compile_block` compiles the
 checkpoint with the block: one compiled call a block and micro-batch, the recompute inside the compiled backward.
-transformers 5.17 (the GPU image's, every GPU call before the thirteenth session) checkpointed around the block's
-call: eager `CheckpointFunction`, the compiled forward under no_grad, then again with grad in the backward. This
-trains the tiny random Llama (LoRA on every linear, dropout 0.05, reentrant checkpointing, compiled blocks, one
-thread) both ways and prints the median step time after warm-up: with the tiny model's negligible arithmetic, the
-difference is host time, the part that leaves a GPU idle in the launch-bound checkpointed backward.
+transformers 5.17 (the GPU image's, which every GPU call through the thirteenth session ran) checkpointed around
+the block's call: eager `CheckpointFunction`, the compiled forward under no_grad, then again with grad in the
+backward. This trains the tiny random Llama (LoRA on every linear, dropout 0.05, reentrant checkpointing, compiled
+blocks, one thread) both ways and prints the median step time after warm-up: with the tiny model's negligible
+arithmetic, the difference is host time, the part that leaves a GPU idle in the launch-bound checkpointed backward.
 
     HF_HUB_OFFLINE=1 python scripts/ckpt_host_cost.py [STEPS]
 """

@@ -92,7 +92,11 @@ def test_compiled_checkpointed_blocks_keep_no_activations_and_recompute_the_same
     4,096 tokens a micro-batch), and the recompute must draw the forward's dropout masks: the same gradients as the
     compiled block without checkpointing, same seed."""
     recipe, model = tiny_model(
-        recipe_of, tiny_checkpoint, "quant=none", "lora.dropout=0.1", "trainer.torch_compile=true"
+        recipe_of,
+        tiny_checkpoint,
+        "quant=none",
+        "lora.dropout=0.1",  # after tiny_model's own lora.dropout=0: the later one wins
+        "trainer.torch_compile=true",
     )
     train_checkpointed(model)
     eager_checkpointed = saved_bytes(model)
