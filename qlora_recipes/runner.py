@@ -6,6 +6,8 @@ Heavy imports happen here and nowhere above.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -579,13 +581,13 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
         import torch._logging
 
         # Packed batches change length every step, and a block is entered with and without an attention mask and,
-        # where checkpointing wraps the block's call rather than its forward (transformers 5.17 did; 5.23 checkpoints
-        # inside the compiled forward), with and without grad: compile for any length at once and leave room for
-        # those few variants, which past dynamo's default of 8 would fall back to eager for the rest of the run.
+        # as the checkpoint runs outside the compiled forward (see compile_block), with and without grad: compile
+        # for any length at once and leave room for those few variants, which past dynamo's default of 8 would
+        # fall back to eager for the rest of the run.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_VARIANTS)
         torch._logging.set_logs(recompiles=True)  # each recompile (a step that stalls for seconds) says why, on stderr
         for block in blocks:
-            compile_block(block, hooks_outside=plan.shards_parameters(recipe))
+            compile_block(block)
         log.info(
             "torch.compile: %d %s blocks; the first steps compile them (about 2 min on a 7B shape on one H200)",
             len(blocks),
@@ -598,18 +600,34 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
         log.info("ZeRO-3: each %s fetched as one unit", type(blocks[0]).__name__)
 
 
-def compile_block(block: Any, hooks_outside: bool) -> None:
-    """Compile a decoder block in place for any sequence length. `Module.compile` compiles the module's whole call,
-    its hooks included; FSDP2 and ZeRO-3 drive their all-gathers and releases from hooks on each block, which the
-    compiler cannot trace (FSDP2's are marked to be skipped, DeepSpeed's are wrapped in skipped nvtx functions and
-    recompile on its per-module backward objects: seen on an H200, docs/distributed.md), so each would break the
-    block's graph. With `hooks_outside`, only `forward` is compiled and the hooks run eagerly around it."""
+def compile_block(block: Any) -> None:
+    """Compile a decoder block's own forward in place, for any sequence length; its hooks and transformers'
+    gradient checkpoint run eagerly around the compiled code.
+
+    - Hooks: FSDP2 and ZeRO-3 drive their all-gathers and releases from hooks on each block, which the compiler
+      cannot trace (FSDP2's are marked to be skipped, DeepSpeed's are wrapped in skipped nvtx functions and recompile
+      on its per-module backward objects: seen on an H200, docs/distributed.md); inside the compiled code each would
+      break the block's graph.
+    - The checkpoint: transformers 5.23 checkpoints inside each block's `forward` (5.17 around its call). Traced
+      into the compiled graph on CUDA (torch 2.11), it fails to partition when the block holds a dropout ("Node ...
+      was invalid, but is output"; peft#3020) and, without one, the partitioner keeps 16.8 GiB reserved on the
+      Llama-2-7B shape where the eager checkpoint around the compiled forward keeps 6.1-6.3 (docs/gpu.md calls AH,
+      AI). So the checkpoint stays eager: the compiled forward runs without grad, then again in the backward."""
     import torch
 
-    if hooks_outside:
-        block.forward = torch.compile(block.forward, dynamic=True)
-    else:
-        block.compile(dynamic=True)
+    own_forward = inspect.unwrap(type(block).forward)  # beneath transformers' checkpointing wrapper (5.23)
+    # the block passed as an argument, not bound: every block then runs one graph (bound, each compiled its own)
+    compiled = functools.partial(torch.compile(own_forward, dynamic=True), block)
+    if own_forward is type(block).forward:  # no wrapper: the checkpoint, if any, is around the block's call
+        block.forward = compiled
+        return
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if block.gradient_checkpointing and block.training:
+            return block._gradient_checkpointing_func(functools.partial(compiled, **kwargs), *args)
+        return compiled(*args, **kwargs)
+
+    block.forward = forward
 
 
 def after_wrapping(trainer: Any, recipe: RecipeConfig) -> None:

@@ -1,21 +1,21 @@
 """Host cost of where gradient checkpointing sits relative to a compiled decoder block, on CPU (issue 6).
 
-transformers 5.23 (our pin) checkpoints inside each block's `forward`, so `runner.compile_block` compiles the
-checkpoint with the block: one compiled call a block and micro-batch, the recompute inside the compiled backward.
-transformers 5.17 (the GPU image's, which every GPU call through the thirteenth session ran) checkpointed around
-the block's call: eager `CheckpointFunction`, the compiled forward under no_grad, then again with grad in the
-backward. This trains the tiny random Llama (LoRA on every linear, dropout 0.05, reentrant checkpointing, compiled
-blocks, one thread) both ways and prints the median step time after warm-up: with the tiny model's negligible
-arithmetic, the difference is host time, the part that leaves a GPU idle in the launch-bound checkpointed backward.
+transformers 5.23 (our pin) checkpoints inside each block's `forward`; compiling the block's whole call traces
+that checkpoint into the compiled graph: one compiled call a block and micro-batch, the recompute inside the
+compiled backward. `runner.compile_block` instead compiles the block's own forward and keeps the checkpoint eager
+around it (as transformers 5.17 arranged it): the compiled forward under no_grad, then again with grad in the
+backward. On CUDA (torch 2.11) the traced checkpoint failed to compile with LoRA dropout and, without dropout, kept
+16.8 GiB reserved on the Llama-2-7B shape against 6.1-6.3 (docs/gpu.md calls AH, AI), hence compile_block's choice.
+This trains the tiny random Llama (LoRA on every linear, dropout 0.05, reentrant checkpointing, compiled blocks,
+one thread) both ways and prints the median step time after warm-up: with the tiny model's negligible arithmetic,
+the difference is host time, the part that leaves a GPU idle in the launch-bound checkpointed backward.
 
     HF_HUB_OFFLINE=1 python scripts/ckpt_host_cost.py [STEPS]
 """
 
-import functools
 import statistics
 import sys
 import time
-import types
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -33,17 +33,6 @@ def model_with_lora() -> torch.nn.Module:
     model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.05))
     model.train()
     return model
-
-
-def checkpoint_around_call(block: torch.nn.Module) -> None:
-    """transformers 5.17's arrangement: the block's own forward compiled, the checkpoint outside it."""
-    own_forward = type(block).forward.__wrapped__  # under 5.23's forward_with_checkpointing
-    compiled = torch.compile(types.MethodType(own_forward, block), dynamic=True)
-
-    def forward(*args, **kwargs):
-        return block._gradient_checkpointing_func(functools.partial(compiled, **kwargs), *args)
-
-    block.forward = forward
 
 
 def median_step_s(model: torch.nn.Module, steps: int) -> float:
@@ -68,9 +57,9 @@ def main() -> None:
         model = model_with_lora()
         for block in decoder_blocks(model):
             if arrangement.startswith("inside"):
-                compile_block(block, hooks_outside=False)
+                block.compile(dynamic=True)  # the whole call: 5.23's checkpoint traced into the compiled graph
             else:
-                checkpoint_around_call(block)
+                compile_block(block)
         print(f"checkpoint {arrangement}: median step {1000 * median_step_s(model, steps):.1f} ms", flush=True)
 
 

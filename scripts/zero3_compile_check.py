@@ -2,8 +2,8 @@
 
 The tiny random Llama with LoRA on every linear, reentrant gradient checkpointing and leaf blocks, as the runner
 sets them up, trained 3 steps; prints each step's loss and dynamo's graph-break count, once with the block's whole
-call compiled (`Module.compile`, hooks inside) and once with only its `forward` (runner.compile_block under
-sharding). DeepSpeed is a GPU-machine dependency; here it comes from its wheel (GPU.md lists the carried ones):
+call compiled (`Module.compile`, hooks inside) and once with only its `forward` (runner.compile_block, hooks
+outside). DeepSpeed is a GPU-machine dependency; here it comes from its wheel (GPU.md lists the carried ones):
 
     pip install --target /tmp/dsenv --no-deps .whl/deepspeed-*.whl .whl/hjson-*.whl .whl/py_cpuinfo-*.whl
     pip install --target /tmp/dsenv msgpack ninja einops
@@ -60,7 +60,10 @@ def main() -> None:
     blocks = decoder_blocks(model)
     torch._dynamo.config.recompile_limit = COMPILE_VARIANTS
     for block in blocks:
-        compile_block(block, hooks_outside)
+        if hooks_outside:
+            compile_block(block)
+        else:
+            block.compile(dynamic=True)
     set_z3_leaf_modules(model, [type(blocks[0])])
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
