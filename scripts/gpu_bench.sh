@@ -31,11 +31,14 @@ python3 - /tmp/benchjson <<'PY' | tee -a "$OUT/cards.txt"
 # one table over the variants' separate bench runs, written by bench's own markdown(), the first as baseline
 import glob, json, os, sys
 from qlora_recipes.bench import Measured, markdown
-header, rows = None, []
+header, rows, stacks = None, [], {}
 for path in sorted(glob.glob(f"{sys.argv[1]}/*.json"), key=os.path.getmtime):
     b = json.load(open(path))
     header = header or {key: value for key, value in b.items() if key != "results"}
     rows += [Measured(**r) for r in b["results"]]
+    stacks.update({r["name"]: b["versions"] for r in b["results"]})
 if rows:
+    if len(set(stacks.values())) > 1:  # e.g. an APPEND=1 run with HF_STACK=image: say which ran on which
+        header["versions"] = "; ".join(f"{name}: {v}" for name, v in stacks.items())
     print(markdown(rows, {**header, "overrides": "COMMON, then each variant's own (one bench run per variant)"}))
 PY
