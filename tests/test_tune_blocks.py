@@ -18,10 +18,10 @@ def tiny_model(recipe_of, checkpoint, *overrides):
     return resolved.recipe, setup_model(resolved, checkpoint, tokenizer, new_ids)
 
 
-def train_checkpointed(model):
-    """Reentrant gradient checkpointing and input gradients, as the Trainer sets them, in train mode; lora_B made
-    non-zero, so that lora_A's gradients are not zero."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+def train_checkpointed(model, reentrant=True):
+    """Gradient checkpointing (reentrant by default, as llama2_chatml) and input gradients, as the Trainer sets them,
+    in train mode; lora_B made non-zero, so that lora_A's gradients are not zero."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model.enable_input_require_grads()
     model.train()
     for name, param in model.named_parameters():
@@ -87,7 +87,10 @@ def saved_bytes(model, length=50):
     return sum(saved.values())
 
 
-def test_compiled_checkpointed_blocks_keep_no_activations_and_recompute_the_same_dropout(recipe_of, tiny_checkpoint):
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_compiled_checkpointed_blocks_keep_no_activations_and_recompute_the_same_dropout(
+    recipe_of, tiny_checkpoint, reentrant
+):
     """Compiled blocks under gradient checkpointing (the checkpoint eager, around the compiled forward) must keep
     for the backward no more than eager checkpointing does (not the block's activations, not its LoRA dropout
     masks: ~4.6 GB of masks on a 7B model at 4,096 tokens a micro-batch), and the recompute must draw the
@@ -99,7 +102,7 @@ def test_compiled_checkpointed_blocks_keep_no_activations_and_recompute_the_same
         "lora.dropout=0.1",  # after tiny_model's own lora.dropout=0: the later one wins
         "trainer.torch_compile=true",
     )
-    train_checkpointed(model)
+    train_checkpointed(model, reentrant)
     eager_checkpointed = saved_bytes(model)
     model.gradient_checkpointing_disable()
     eager_whole = saved_bytes(model)
@@ -108,7 +111,7 @@ def test_compiled_checkpointed_blocks_keep_no_activations_and_recompute_the_same
     tune_blocks(model, recipe)
     torch.manual_seed(1)
     _, whole_grads = loss_and_grads(model)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     # on top of eager's: at most the RNG state and the rotary cos/sin; masks would make it ~1.6x
     assert saved_bytes(model) <= 1.25 * eager_checkpointed
     torch.manual_seed(1)
