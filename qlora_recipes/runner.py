@@ -7,7 +7,6 @@ Heavy imports happen here and nowhere above.
 from __future__ import annotations
 
 import functools
-import inspect
 import json
 import logging
 import os
@@ -615,19 +614,21 @@ def compile_block(block: Any) -> None:
       AI). So the checkpoint stays eager: the compiled forward runs without grad, then again in the backward."""
     import torch
 
-    own_forward = inspect.unwrap(type(block).forward)  # beneath transformers' checkpointing wrapper (5.23)
+    forward = type(block).forward
+    # transformers 5.23's checkpointing wrapper, one level only: the layer's own decorators stay on its forward
+    wrapped = forward.__code__.co_name == "forward_with_checkpointing" and hasattr(forward, "__wrapped__")
     # the block passed as an argument, not bound: every block then runs one graph (bound, each compiled its own)
-    compiled = functools.partial(torch.compile(own_forward, dynamic=True), block)
-    if own_forward is type(block).forward:  # no wrapper: the checkpoint, if any, is around the block's call
+    compiled = functools.partial(torch.compile(forward.__wrapped__ if wrapped else forward, dynamic=True), block)
+    if not wrapped:  # the checkpoint, if any, is around the block's call (5.17)
         block.forward = compiled
         return
 
-    def forward(*args: Any, **kwargs: Any) -> Any:
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
         if block.gradient_checkpointing and block.training:
             return block._gradient_checkpointing_func(functools.partial(compiled, **kwargs), *args)
         return compiled(*args, **kwargs)
 
-    block.forward = forward
+    block.forward = checkpointed
 
 
 def after_wrapping(trainer: Any, recipe: RecipeConfig) -> None:

@@ -325,3 +325,33 @@ def test_fsdp2_keeps_the_models_float32_outputs(recipe_of, tiny_checkpoint, gloo
         losses[keep] = model(input_ids=ids, labels=ids).loss.detach()
     assert losses[False].dtype == torch.bfloat16 and losses[True].dtype == torch.float32
     assert losses[True].to(torch.bfloat16) == losses[False]  # the same loss, only no longer rounded
+
+
+def test_compiled_blocks_keep_their_own_forward_decorators(recipe_of, tiny_checkpoint):
+    """compile_block takes off transformers' checkpointing wrapper and nothing beneath it: a layer whose forward
+    carries its own decorator (here one that doubles the input) computes the same compiled as eager."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from qlora_recipes.runner import compile_block
+
+    def doubled(forward):
+        @functools.wraps(forward)
+        def wrapper(self, hidden_states, *args, **kwargs):
+            return forward(self, 2 * hidden_states, *args, **kwargs)
+
+        return wrapper
+
+    class DoubledLayer(LlamaDecoderLayer):
+        forward = doubled(LlamaDecoderLayer.forward)
+
+    _, model = tiny_model(recipe_of, tiny_checkpoint, "quant=none")
+    blocks = decoder_blocks(model)  # found by class name: taken once, before the classes change
+    train_checkpointed(model)
+    plain_loss, _ = loss_and_grads(model)
+    for block in blocks:
+        block.__class__ = DoubledLayer
+    eager_loss, _ = loss_and_grads(model)
+    assert not torch.allclose(eager_loss, plain_loss)  # the decorator shows in the loss
+    for block in blocks:
+        compile_block(block)
+    torch.testing.assert_close(loss_and_grads(model)[0], eager_loss, rtol=1e-5, atol=1e-6)
