@@ -9,7 +9,7 @@ set -u
 source scripts/gpu_env.sh || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/cards.txt"
-python3 -c "import torch,transformers,peft,trl,accelerate,bitsandbytes,deepspeed;print('torch',torch.__version__,'transformers',transformers.__version__,'peft',peft.__version__,'trl',trl.__version__,'accelerate',accelerate.__version__,'bitsandbytes',bitsandbytes.__version__,'deepspeed',deepspeed.__version__)" 2>/dev/null | tee "$OUT/versions.txt"
+python3 -c "from qlora_recipes.bench import versions; print(versions())" | tee "$OUT/versions.txt"
 if [[ " ${DISTS:-} " == *untied* ]]; then  # the tiny Llama with separate input and output embeddings
   python3 - <<'PY' || exit 1
 from transformers import AutoModelForCausalLM, AutoTokenizer

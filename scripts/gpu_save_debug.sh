@@ -5,7 +5,7 @@
 set -u
 source scripts/gpu_env.sh || exit 1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
-python3 -c "import torch,transformers,peft,trl,accelerate,bitsandbytes,deepspeed;print('torch',torch.__version__,'transformers',transformers.__version__,'peft',peft.__version__,'trl',trl.__version__,'accelerate',accelerate.__version__,'bitsandbytes',bitsandbytes.__version__,'deepspeed',deepspeed.__version__)" 2>/dev/null
+python3 -c "from qlora_recipes.bench import versions; print(versions())"
 variant() {  # name overrides...
   name=$1; shift; run=/tmp/runs/$name; rm -rf $run
   python3 -m qlora_recipes run +recipe=llama2_chatml model=tiny_llama data=demo_dates "$@" \
