@@ -105,6 +105,14 @@ def lora_kwargs(
     return kwargs
 
 
+def sync_each_micro_batch(recipe: RecipeConfig) -> bool:
+    """Whether gradients are reduced after every micro-batch (`dist.sync_each_micro_batch`; None = under FSDP2)."""
+    d = recipe.dist
+    if d.sync_each_micro_batch is not None:
+        return d.sync_each_micro_batch
+    return d.backend is DistBackend.fsdp and d.fsdp_version == 2 and world_size(recipe) > 1
+
+
 def training_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = False) -> dict[str, Any]:
     """The `transformers.TrainingArguments` part, shared by SFTConfig, DPOConfig and ORPOConfig."""
     t = recipe.trainer
@@ -140,8 +148,13 @@ def training_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool =
         kwargs["eval_steps"] = t.eval_steps
     if t.lazy_metrics:  # the filter checks every micro-batch's loss on the host: a sync each (runner.sft_trainer_class)
         kwargs["logging_nan_inf_filter"] = False
+    accelerator: dict[str, Any] = {}
     if t.async_inputs and not on_cpu:  # the DataLoader pins batches (transformers' default) for these async copies
-        kwargs["accelerator_config"] = {"non_blocking": True}
+        accelerator["non_blocking"] = True
+    if sync_each_micro_batch(recipe):
+        accelerator["gradient_accumulation_kwargs"] = {"sync_each_batch": True}
+    if accelerator:
+        kwargs["accelerator_config"] = accelerator
     if t.liger:  # TRL keeps its own fused LM head, so Liger's fused cross-entropy stays off
         kwargs["use_liger_kernel"] = True
     if t.gradient_checkpointing:

@@ -427,6 +427,12 @@ def validate(resolved: Resolved) -> None:
         f"dist={backend.value}: it is a ZeRO-3 setting (which linear function DeepSpeed runs). Use dist=zero3 or "
         "leave it unset (null)",
     )
+    need(
+        r.dist.sync_each_micro_batch is None or r.dist.backend not in plan.DEEPSPEED_STAGE,
+        f"dist.sync_each_micro_batch={str(r.dist.sync_each_micro_batch).lower()} with dist={backend.value}: DeepSpeed "
+        "decides itself when gradients are reduced during accumulation (ZeRO-2 and ZeRO-3 partition them after every "
+        "micro-batch), so the setting would do nothing. Leave it unset (null)",
+    )
 
     # trainer kind and data shape
     dpo, pairs, kind = t.kind is TrainerKind.dpo, t.kind.on_pairs, t.kind.value

@@ -246,6 +246,11 @@ class DistConfig:
     # H200 its backward guards on each LoRA weight's DeepSpeed id, so every block compiled anew; docs/distributed.md),
     # else DeepSpeed's. The LoRA matrices it would save memory on are small
     zero3_memory_efficient_linear: Optional[bool] = None
+    # With gradient accumulation: reduce the gradients after every micro-batch (true) or only after the last one
+    # (false, accelerate's no_sync). LoRA's gradients are small, so reducing each costs little; FSDP2 without sync
+    # instead keeps and accumulates every parameter's unsharded gradient with its own small kernels on the host.
+    # None = true under FSDP2, else false. DeepSpeed reduces as ZeRO does either way
+    sync_each_micro_batch: Optional[bool] = None
 
 
 @dataclass

@@ -2,19 +2,24 @@
 # Issue 5's throughput call on a 2-GPU machine (device tool, carry .whl): the single-GPU run, then the named sharded
 # variants (traced: profile/idle.json says where the GPU waits), all on the Llama-2-7B shape with the optimized
 # settings, one table with the single-GPU run as baseline. Usage: bash scripts/gpu_dist_bench.sh fsdp2 [zero3 zero3dsl ...]
-# A compiled 2-GPU variant takes ~4-5 min with its load; the single run on a fresh machine also builds the checkpoint,
-# so two sharded variants do not fit one 10-minute call: run one per call (NO_INSTALL=1 on a warm machine).
+# Per GPU, every run does the same work a step: the single GPU the recipe's batch of 4 sequences, each sharded process
+# 4 too (trainer.batch_size = 4 x processes), as the issue's original configs did (accumulation 4 per process, so 8
+# sequences a step on 2 GPUs). SHARDED_BATCH=4 keeps the global batch instead: each GPU then does half the work a step
+# and the fixed cost of a step (optimizer, gathers) weighs twice as much per token.
+# MICRO=4 sets the micro-batch of every run (default 2: 2 micro-batches a step per GPU; 4: one).
+# On a fresh machine (install and checkpoint build) the single run and two sharded variants took 431 s (call AM).
 # PROCS=1 runs the sharded variants as one process (a 1-GPU machine: the sharding's hooks without communication).
 # ROUNDS=2 runs the whole sequence twice in the call (on a warm machine with the checkpoint built, single + one
 # sharded variant twice fit 10 minutes: ~220 s a round in the twelfth session's calls).
 set -u
-O="trainer.torch_compile=true model.attn_implementation=fastest trainer.expandable_segments=true trainer.micro_batch_size>=2 trainer.lazy_metrics=true trainer.async_inputs=true"
+O="trainer.torch_compile=true model.attn_implementation=fastest trainer.expandable_segments=true trainer.micro_batch_size>=${MICRO:-2} trainer.lazy_metrics=true trainer.async_inputs=true"
 Z3="$O dist=zero3 dist.zero3_leaf_blocks=true dist.zero3_prefetch_bucket_size=60000000"
 declare -A SHARDED=(
   [fsdp2]="$O dist=fsdp dist.fsdp_version=2"
   [zero3]="$Z3"
   [zero3dsl]="$Z3 dist.zero3_memory_efficient_linear=true"  # DeepSpeed's linear kept (recompiles each block)
 )
+batch=" trainer.batch_size=${SHARDED_BATCH:-$((4 * ${PROCS:-2}))}"
 export COMMON="+recipe=llama2_chatml bench.shape=llama2_7b bench.steps=10 bench.warmup=5 lora.train_new_tokens=false"
 for round in $(seq 1 "${ROUNDS:-1}"); do
   # ROUNDS=2: single, sharded, single, sharded in one call (names suffixed _r1, _r2), the same-call spread of each;
@@ -27,6 +32,6 @@ for round in $(seq 1 "${ROUNDS:-1}"); do
   for name in "$@"; do
     [ -n "${SHARDED[$name]:-}" ] || { echo "unknown variant $name (${!SHARDED[*]})"; exit 2; }
     NO_INSTALL=1 APPEND=1 TIMEOUT=${TIMEOUT_SHARDED:-330} COMMON="$COMMON$profile" \
-      VARIANTS="$name$suffix: ${SHARDED[$name]}${PROCS:+ dist.num_processes=$PROCS}" bash scripts/gpu_bench.sh
+      VARIANTS="$name$suffix: ${SHARDED[$name]}${PROCS:+ dist.num_processes=$PROCS}$batch" bash scripts/gpu_bench.sh
   done
 done

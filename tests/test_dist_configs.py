@@ -152,6 +152,34 @@ def test_zero3_linear_follows_the_setting_or_the_compiled_blocks(recipe_of, over
 
 
 @pytest.mark.parametrize(
+    "overrides, each",
+    [
+        (("dist=fsdp", "dist.fsdp_version=2"), True),  # FSDP2: reduced after every micro-batch unless told otherwise
+        (("dist=fsdp", "dist.fsdp_version=2", "dist.sync_each_micro_batch=false"), False),
+        (("dist=fsdp", "dist.fsdp_version=2", "dist.num_processes=1"), False),  # nothing to reduce with
+        (("dist=fsdp",), False),  # FSDP v1: accelerate's no_sync, as the original
+        (("dist=ddp",), False),
+        (("dist=ddp", "dist.sync_each_micro_batch=true"), True),
+        (("dist=zero3",), False),  # DeepSpeed's own accumulation
+    ],
+)
+def test_gradients_reduced_each_micro_batch_under_fsdp2(recipe_of, tmp_path, overrides, each):
+    import torch
+    from transformers import Trainer
+    from trl import SFTConfig
+
+    recipe = recipe_of(
+        *SHARDED_QLORA, "lora.train_new_tokens=false", "trainer.eval_strategy=no", *overrides, device=GPUS
+    ).recipe
+    assert plan.gradient_accumulation_steps(recipe) > 1
+    assert plan.sync_each_micro_batch(recipe) is each
+    args = SFTConfig(**{**plan.trainer_kwargs(recipe, tmp_path, on_cpu=True), "report_to": "none"})
+    # the Trainer reads it from accelerate's gradient state when it decides whether to skip a micro-batch's sync
+    state = Trainer(model=torch.nn.Linear(2, 2), args=args).accelerator.gradient_state
+    assert state.plugin_kwargs.get("sync_each_batch", False) is each
+
+
+@pytest.mark.parametrize(
     "overrides, device, message",
     [
         (("dist=zero3", "quant=int8"), GPUS, "8-bit weights"),
@@ -165,6 +193,7 @@ def test_zero3_linear_follows_the_setting_or_the_compiled_blocks(recipe_of, over
         (("dist=fsdp", "lora.train_new_tokens=false", "trainer.torch_compile=true"), GPUS, "FSDP v1's separate units"),
         (("dist=ddp", "dist.zero3_leaf_blocks=true"), GPUS, "it is a ZeRO-3 setting"),
         (("dist=ddp", "dist.zero3_memory_efficient_linear=false"), GPUS, "which linear function DeepSpeed runs"),
+        (("dist=zero3", "dist.sync_each_micro_batch=true"), GPUS, "DeepSpeed decides itself"),
         (
             ("dist=fsdp", "lora.train_new_tokens=false", "dist.zero3_memory_efficient_linear=true"),
             GPUS,
