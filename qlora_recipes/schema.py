@@ -249,7 +249,7 @@ class DistConfig:
     # With gradient accumulation: reduce the gradients after every micro-batch (true) or only after the last one
     # (false, accelerate's no_sync). LoRA's gradients are small, so reducing each costs little; FSDP2 without sync
     # instead keeps and accumulates every parameter's unsharded gradient with its own small kernels on the host.
-    # None = true under FSDP2, else false. DeepSpeed reduces as ZeRO does either way
+    # None = true under FSDP2 with more than one process, else false. Refused under DeepSpeed (ZeRO decides)
     sync_each_micro_batch: Optional[bool] = None
 
 
