@@ -106,7 +106,8 @@ def lora_kwargs(
 
 
 def sync_each_micro_batch(recipe: RecipeConfig) -> bool:
-    """Whether gradients are reduced after every micro-batch (`dist.sync_each_micro_batch`; None = under FSDP2)."""
+    """Whether gradients are reduced after every micro-batch (`dist.sync_each_micro_batch`; unset: under FSDP2 with
+    more than one process)."""
     d = recipe.dist
     if d.sync_each_micro_batch is not None:
         return d.sync_each_micro_batch

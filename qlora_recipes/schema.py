@@ -247,9 +247,10 @@ class DistConfig:
     # else DeepSpeed's. The LoRA matrices it would save memory on are small
     zero3_memory_efficient_linear: Optional[bool] = None
     # With gradient accumulation: reduce the gradients after every micro-batch (true) or only after the last one
-    # (false, accelerate's no_sync). LoRA's gradients are small, so reducing each costs little; FSDP2 without sync
-    # instead keeps and accumulates every parameter's unsharded gradient with its own small kernels on the host.
-    # None = true under FSDP2 with more than one process, else false. Refused under DeepSpeed (ZeRO decides)
+    # (false, accelerate's no_sync). LoRA's gradients are small, so reducing each costs little; FSDP2 on 2 H200s
+    # met issue 5's throughput with it, while an earlier run under no_sync idled far longer in its backward (not
+    # isolated: docs/distributed.md). None = true under FSDP2 with more than one process, else false. Refused
+    # under DeepSpeed (ZeRO decides)
     sync_each_micro_batch: Optional[bool] = None
 
 

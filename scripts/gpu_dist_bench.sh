@@ -16,6 +16,7 @@ O="trainer.torch_compile=true model.attn_implementation=fastest trainer.expandab
 Z3="$O dist=zero3 dist.zero3_leaf_blocks=true dist.zero3_prefetch_bucket_size=60000000"
 declare -A SHARDED=(
   [fsdp2]="$O dist=fsdp dist.fsdp_version=2"
+  [fsdp2_nosync]="$O dist=fsdp dist.fsdp_version=2 dist.sync_each_micro_batch=false"  # accelerate's no_sync
   [zero3]="$Z3"
   [zero3dsl]="$Z3 dist.zero3_memory_efficient_linear=true"  # DeepSpeed's linear kept (recompiles each block)
 )

@@ -176,7 +176,8 @@ def test_fsdp2_clipping_from_local_shards_matches_torchs(tmp_path):
 
 def _accumulate_both_ways(rank: int, world: int, rendezvous: str) -> None:
     """One gloo process: FSDP2 gradients of two micro-batches, reduced after each (dist.sync_each_micro_batch) and
-    reduced once after both (accelerate's no_sync on the first), with a bf16 parameter / float32 reduce policy."""
+    reduced once after both (accelerate's no_sync on the first), with bf16 parameters and a bf16 reduce (the policy
+    the runner ends up with for QLoRA) or a float32 one."""
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -184,21 +185,22 @@ def _accumulate_both_ways(rank: int, world: int, rendezvous: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     torch.manual_seed(1 + rank)
     batches = [torch.randn(4, 16) for _ in range(2)]
-    grads = {}
-    for sync_each in (True, False):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(16, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
-        fully_shard(model[0], mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
-        for i, batch in enumerate(batches):
-            model.set_requires_gradient_sync(sync_each or i == len(batches) - 1)
-            model(batch).float().square().sum().backward()
-        grads[sync_each] = [p.grad.full_tensor() for p in model.parameters()]
-    for each, once in zip(grads[True], grads[False], strict=True):
-        assert each.abs().sum() > 0 and torch.allclose(each, once, rtol=1e-2, atol=1e-3), (each, once)
+    for reduce_dtype in (torch.bfloat16, torch.float32):
+        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype)
+        grads = {}
+        for sync_each in (True, False):
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(16, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3))
+            fully_shard(model[0], mesh=mesh, mp_policy=policy)
+            fully_shard(model, mesh=mesh, mp_policy=policy)
+            for i, batch in enumerate(batches):
+                model.set_requires_gradient_sync(sync_each or i == len(batches) - 1)
+                model(batch).float().square().sum().backward()
+            grads[sync_each] = [p.grad.full_tensor().float() for p in model.parameters()]
+        for each, once in zip(grads[True], grads[False], strict=True):
+            assert each.abs().sum() > 0 and torch.allclose(each, once, rtol=1e-2, atol=1e-3), (reduce_dtype, each, once)
     dist.destroy_process_group()
 
 
