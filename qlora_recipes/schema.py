@@ -237,7 +237,8 @@ class DistConfig:
     )
     # ZeRO-3 parameter fetching; None = accelerate's "auto" (10 x hidden and 0.9 x hidden^2 elements)
     # Smaller params stay whole on every GPU between uses, but DeepSpeed re-gathers each of them, one collective a
-    # parameter, after every optimizer step: neither 0 nor 2e7 (every 4-bit weight) beat "auto" on 2x H200 (docs/gpu.md)
+    # parameter, after every optimizer step. On 2x H200, 0 was slower than "auto" and 2e7 (every 4-bit weight whole)
+    # no faster, with more memory (docs/gpu.md, sixteenth session)
     zero3_persistence_threshold: Optional[int] = None
     zero3_prefetch_bucket_size: Optional[int] = None  # elements fetched ahead of use: more overlap, more memory
     # ZeRO-3: fetch each decoder block's parameters as one unit (DeepSpeed "leaf" modules), instead of hooking
