@@ -108,10 +108,8 @@ def lora_kwargs(
 def sync_each_micro_batch(recipe: RecipeConfig) -> bool:
     """Whether gradients are reduced after every micro-batch (`dist.sync_each_micro_batch`; unset: under FSDP2 with
     more than one process)."""
-    d = recipe.dist
-    if d.sync_each_micro_batch is not None:
-        return d.sync_each_micro_batch
-    return d.backend is DistBackend.fsdp and d.fsdp_version == 2 and world_size(recipe) > 1
+    chosen = recipe.dist.sync_each_micro_batch
+    return chosen if chosen is not None else is_fsdp2(recipe) and world_size(recipe) > 1
 
 
 def training_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool = False) -> dict[str, Any]:
