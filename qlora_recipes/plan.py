@@ -246,6 +246,10 @@ def zero3_leaf_blocks(recipe: RecipeConfig) -> bool:
     return recipe.dist.zero3_leaf_blocks and is_zero3(recipe)
 
 
+def zero3_leaf_fast_sharding(recipe: RecipeConfig) -> bool:
+    return recipe.dist.zero3_leaf_fast_sharding and zero3_leaf_blocks(recipe)
+
+
 def zero3_torch_linear(recipe: RecipeConfig) -> bool:
     """Whether a ZeRO-3 run keeps torch's F.linear instead of DeepSpeed's replacement (dist.zero3_memory_efficient_linear;
     unset: keep torch's when the decoder blocks are compiled)."""
@@ -263,6 +267,7 @@ def zero3_overrides(recipe: RecipeConfig) -> dict[str, int | bool]:
     chosen: dict[str, int | bool | None] = {
         "stage3_param_persistence_threshold": dist.zero3_persistence_threshold,
         "stage3_prefetch_bucket_size": dist.zero3_prefetch_bucket_size,
+        "reduce_bucket_size": dist.zero3_reduce_bucket_size,
         "memory_efficient_linear": False if zero3_torch_linear(recipe) else None,
     }
     return {key: value for key, value in chosen.items() if value is not None}

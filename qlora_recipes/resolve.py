@@ -422,6 +422,12 @@ def validate(resolved: Resolved) -> None:
         "fetched). Use dist=zero3 or set it false",
     )
     need(
+        not r.dist.zero3_leaf_fast_sharding or (r.dist.zero3_leaf_blocks and plan.is_zero3(r)),
+        f"dist.zero3_leaf_fast_sharding=true with dist={backend.value} and "
+        f"dist.zero3_leaf_blocks={str(r.dist.zero3_leaf_blocks).lower()}: it changes how ZeRO-3 fetches and releases "
+        "leaf blocks. Use dist=zero3 with dist.zero3_leaf_blocks=true, or set it false",
+    )
+    need(
         r.dist.zero3_memory_efficient_linear is None or plan.is_zero3(r),
         f"dist.zero3_memory_efficient_linear={str(r.dist.zero3_memory_efficient_linear).lower()} with "
         f"dist={backend.value}: it is a ZeRO-3 setting (which linear function DeepSpeed runs). Use dist=zero3 or "

@@ -640,10 +640,14 @@ def after_wrapping(trainer: Any, recipe: RecipeConfig) -> None:
       eager code between them (2x H200 trace, docs/distributed.md). FSDP2 keeps one unsharded parameter object
       per weight for the whole run, so giving each the state once ends it (fsdp2_keep_quant_states).
     - ZeRO-3 keeping torch's linear (plan.zero3_torch_linear): zero.Init replaced torch.nn.functional.linear while
-      the weights loaded, from the config as it was before the recipe's overrides; put torch's back."""
+      the weights loaded, from the config as it was before the recipe's overrides; put torch's back.
+    - ZeRO-3 leaf blocks with `dist.zero3_leaf_fast_sharding`: DeepSpeed's fast sharding of leaf modules. DeepSpeed
+      0.19.8 reads it from its parameter coordinator and sets it only when it picks the leaves itself
+      (`stage3_module_granularity_threshold`); the runner picks them by class (tune_blocks), so it sets it."""
     keep_quant_states = plan.is_fsdp2(recipe) and recipe.trainer.torch_compile and recipe.quant.load_in_4bit
     torch_linear = plan.zero3_torch_linear(recipe)
-    if not (keep_quant_states or torch_linear):
+    fast_sharding = plan.zero3_leaf_fast_sharding(recipe)
+    if not (keep_quant_states or torch_linear or fast_sharding):
         return
     from transformers import TrainerCallback
 
@@ -653,6 +657,10 @@ def after_wrapping(trainer: Any, recipe: RecipeConfig) -> None:
                 log.info("FSDP2: 4-bit quantization state kept on %d unsharded weights", fsdp2_keep_quant_states(model))
             if torch_linear and restore_torch_linear():
                 log.info("ZeRO-3: torch.nn.functional.linear restored (dist.zero3_memory_efficient_linear)")
+            if fast_sharding:
+                coordinator = trainer.deepspeed.optimizer.parameter_offload.get_param_coordinator()
+                coordinator.fast_sharding_for_leaf_module = True
+                log.info("ZeRO-3: fast sharding of the leaf blocks (dist.zero3_leaf_fast_sharding)")
 
     trainer.add_callback(AfterWrapping())
 

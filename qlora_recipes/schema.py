@@ -241,9 +241,20 @@ class DistConfig:
     # no faster, with more memory (docs/gpu.md, sixteenth session)
     zero3_persistence_threshold: Optional[int] = None
     zero3_prefetch_bucket_size: Optional[int] = None  # elements fetched ahead of use: more overlap, more memory
+    # ZeRO-3 gradient reduction: elements a bucket collects before it is reduced and partitioned (None = accelerate's
+    # "auto", hidden^2: on a 7B shape most of LoRA's gradients then wait for the end of the backward). 2e6 with
+    # zero3_leaf_fast_sharding was the fastest ZeRO-3 on 2x H200 (docs/gpu.md, seventeenth session)
+    zero3_reduce_bucket_size: Optional[int] = None
     # ZeRO-3: fetch each decoder block's parameters as one unit (DeepSpeed "leaf" modules), instead of hooking
     # every one of its ~30 submodules (each LoRA matrix, each 4-bit weight) and fetching them one by one
     zero3_leaf_blocks: bool = False
+    # ZeRO-3 with leaf blocks: DeepSpeed's "fast sharding" for leaf modules (what its
+    # stage3_module_granularity_threshold turns on with the leaves it picks itself): a block's fetch neither records
+    # a CUDA event per parameter, with a host sync whenever more than two are pending, nor a stream use per shard, and
+    # its release points the parameters at one empty buffer. Needs dist.zero3_leaf_blocks=true. Alone it was not
+    # shown faster on 2x H200; with zero3_reduce_bucket_size=2e6 the pair beat leaf blocks alone in the same call
+    # (docs/distributed.md)
+    zero3_leaf_fast_sharding: bool = False
     # ZeRO-3: DeepSpeed replaces torch.nn.functional.linear process-wide with its own autograd function (its
     # `memory_efficient_linear`); false keeps torch's. None = false with compiled blocks (trainer.torch_compile: on an
     # H200 its backward guards on each LoRA weight's DeepSpeed id, so every block compiled anew; docs/distributed.md),

@@ -17,7 +17,20 @@ those after the fifth: the host cost of ZeRO-3's per-module gather/release bookk
     for s in 0 3; do STAGE=$s STEPS=25 HOOKS_OUTSIDE=1 PYTHONPATH=/tmp/dsenv DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 \
         python -m torch.distributed.run --nproc_per_node 1 scripts/zero3_compile_check.py | tail -2; done
 
-PROFILE=FILE writes a cProfile of the steps after the fifth (compiling left out) to FILE.
+FAST=1 turns on DeepSpeed's fast sharding of the leaf blocks (dist.zero3_leaf_fast_sharding, as the runner does) and
+LAYERS=N builds the model with N blocks (the ones past the checkpoint's 2 randomly initialised, seeded); with two
+processes the losses show whether it changes training:
+
+    for f in 0 1; do FAST=$f LAYERS=4 STEPS=12 HOOKS_OUTSIDE=1 PYTHONPATH=/tmp/dsenv DS_ACCELERATOR=cpu \
+        HF_HUB_OFFLINE=1 python -m torch.distributed.run --nproc_per_node 2 scripts/zero3_compile_check.py; done
+
+PROFILE=FILE writes a cProfile of the steps after the fifth (compiling left out) to FILE. PERSIST=N sets
+stage3_param_persistence_threshold (default 0; 640 is accelerate's 10 x hidden on this model, under which the LoRA
+matrices and norms stay whole, as on the 7B shape). Where DeepSpeed's optimizer step spends its host time:
+
+    PERSIST=640 FAST=1 LAYERS=32 STEPS=15 PROFILE=/tmp/z3p.prof HOOKS_OUTSIDE=1 PYTHONPATH=/tmp/dsenv \
+        DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 python -m torch.distributed.run --nproc_per_node 1 scripts/zero3_compile_check.py
+    python -c "import pstats; pstats.Stats('/tmp/z3p.prof').sort_stats('cumulative').print_stats('stage3.py', 12)"
 
 DEEPSPEED_LINEAR=1 also installs DeepSpeed's replacement F.linear (what zero.Init leaves on GPU machines) and the
 printed graph count says whether blocks recompiled (on CPU with torch 2.13 they do not; on an H200 with torch 2.11
@@ -50,10 +63,15 @@ def main() -> None:
         torch.nn.functional.linear = zero3_linear_wrap
     config = {
         "train_micro_batch_size_per_gpu": 2,
-        "zero_optimization": {"stage": int(os.environ.get("STAGE", "3")), "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {
+            "stage": int(os.environ.get("STAGE", "3")),
+            "stage3_param_persistence_threshold": int(os.environ.get("PERSIST", "0")),
+        },
         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
     }
-    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(), dtype=torch.float32)
+    torch.manual_seed(0)  # the blocks past the checkpoint's (LAYERS) and the LoRA matrices
+    layers = int(os.environ.get("LAYERS", "2"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoint(), dtype=torch.float32, num_hidden_layers=layers)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
     model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", lora_dropout=0.0))
@@ -67,6 +85,8 @@ def main() -> None:
     set_z3_leaf_modules(model, [type(blocks[0])])
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
+    if os.environ.get("FAST") == "1":
+        engine.optimizer.parameter_offload.get_param_coordinator().fast_sharding_for_leaf_module = True
     torch.manual_seed(0)
     seconds = []
     profiler = cProfile.Profile() if os.environ.get("PROFILE") else None

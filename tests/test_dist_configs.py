@@ -126,11 +126,13 @@ def test_zero3_fetch_settings_replace_accelerates_auto(recipe_of):
         "dist=zero3",
         "dist.zero3_persistence_threshold=1000000",
         "dist.zero3_prefetch_bucket_size=50000000",
+        "dist.zero3_reduce_bucket_size=2000000",
         device=GPUS,
     ).recipe
     assert plan.zero3_overrides(tuned) == {
         "stage3_param_persistence_threshold": 1000000,
         "stage3_prefetch_bucket_size": 50000000,
+        "reduce_bucket_size": 2000000,
     }
     ddp = recipe_of(*SHARDED_QLORA, "dist=ddp", "dist.zero3_persistence_threshold=5", device=GPUS).recipe
     assert plan.zero3_overrides(ddp) == {}
@@ -192,6 +194,12 @@ def test_gradients_reduced_each_micro_batch_under_fsdp2(recipe_of, tmp_path, ove
         (("dist=fsdp", "dist.fsdp_version=3"), GPUS, "fsdp_version=3"),
         (("dist=fsdp", "lora.train_new_tokens=false", "trainer.torch_compile=true"), GPUS, "FSDP v1's separate units"),
         (("dist=ddp", "dist.zero3_leaf_blocks=true"), GPUS, "it is a ZeRO-3 setting"),
+        (("dist=zero3", "dist.zero3_leaf_fast_sharding=true"), GPUS, "dist.zero3_leaf_blocks=false: it changes how"),
+        (
+            ("dist=ddp", "dist.zero3_leaf_blocks=true", "dist.zero3_leaf_fast_sharding=true"),
+            GPUS,
+            "with dist=ddp and",
+        ),
         (("dist=ddp", "dist.zero3_memory_efficient_linear=false"), GPUS, "which linear function DeepSpeed runs"),
         (("dist=zero3", "dist.sync_each_micro_batch=true"), GPUS, "DeepSpeed decides itself"),
         (

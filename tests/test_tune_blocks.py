@@ -141,6 +141,31 @@ def test_zero3_leaf_blocks_mark_each_decoder_block(recipe_of, tiny_checkpoint):
     assert all(b._compiled_call_impl is None for b in blocks)  # trainer.torch_compile is off
 
 
+def test_zero3_leaf_fast_sharding_is_set_on_deepspeeds_coordinator_when_training_starts(recipe_of):
+    """dist.zero3_leaf_fast_sharding: the runner sets DeepSpeed's fast sharding of leaf modules on the engine's
+    parameter coordinator at training start, and only then. The engine is stood in for by objects holding just that
+    path (DeepSpeed is a GPU-machine dependency; scripts/zero3_compile_check.py FAST=1 runs the real one on CPU)."""
+    import types
+
+    from qlora_recipes.runner import after_wrapping
+
+    coordinator = types.SimpleNamespace(fast_sharding_for_leaf_module=False)
+    offload = types.SimpleNamespace(get_param_coordinator=lambda: coordinator)
+    callbacks = []
+    trainer = types.SimpleNamespace(
+        deepspeed=types.SimpleNamespace(optimizer=types.SimpleNamespace(parameter_offload=offload)),
+        add_callback=callbacks.append,
+    )
+    gpus = Device(kind="cuda", count=2, bf16=True)
+    leaf = ("model=tiny_llama", "quant=none", "trainer.batch_size=16", "dist=zero3", "dist.zero3_leaf_blocks=true")
+    after_wrapping(trainer, recipe_of(*leaf, device=gpus).recipe)
+    assert callbacks == []  # off by default: nothing to do once wrapped
+    after_wrapping(trainer, recipe_of(*leaf, "dist.zero3_leaf_fast_sharding=true", device=gpus).recipe)
+    assert len(callbacks) == 1 and not coordinator.fast_sharding_for_leaf_module  # not before training starts
+    callbacks[0].on_train_begin(None, None, None)
+    assert coordinator.fast_sharding_for_leaf_module
+
+
 def test_compiled_dequant_blocks_share_one_graph_and_match_bitsandbytes(recipe_of, tiny_checkpoint):
     """quant.compiled_dequant: the nf4 layers (double-quantized, bf16 storage as llama2_chatml) are routed before the
     blocks compile; both blocks still share one graph, and loss and gradients are bitsandbytes' eager ones."""
