@@ -353,10 +353,15 @@ def bench_overrides(
         "trainer.eval_before_train=false",
         "trainer.task_eval_samples=0",
         "trainer.logging_steps=1",
-        f"trainer.profile_steps=[{profile_step}]" if profile_step else "trainer.profile_steps=[]",
+        traced_steps(profile_step),
         "logger=none",
         f"output_dir={bench_dir / name}",
     ]
+
+
+def traced_steps(profile_step: int | None) -> str:
+    """The override naming the step bench traces (bench.profile), or none."""
+    return f"trainer.profile_steps=[{profile_step}]" if profile_step else "trainer.profile_steps=[]"
 
 
 def parse_variants(entries: list[str]) -> dict[str, list[str]]:
@@ -422,7 +427,7 @@ def run_bench(overrides: list[str]) -> list[Measured]:
     plans = []
     for name, extra in parse_variants(list(cfg.variants)).items():
         extra = at_least(extra, resolved.recipe)
-        variant, _ = resolve_overrides([*overrides, *extra])
+        variant, _ = resolve_overrides([*overrides, *extra, traced_steps(profile_step)])
         plans.append((name, extra, variant))
     rows = max(rows_needed(v.recipe, total) for _, _, v in plans)
     mean_words = max(8, resolved.recipe.trainer.max_seq_len // 2)

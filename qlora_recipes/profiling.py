@@ -4,7 +4,10 @@
 - gpu_busy.json: the traced wall time and how much of it the GPU was running a kernel;
 - idle.json: the GPU's idle gaps, each put down to the host operation that was running through it (a step
   that waits on the host shows which host work to cut), and, for multi-GPU runs, the NCCL kernels' time and
-  how much of it no compute kernel overlapped (communication the step waits for).
+  how much of it no compute kernel overlapped (communication the step waits for). With `trainer.profile_python`
+  the trace also records Python calls: `idle_by_python_function` then says, for each Python function, how much of
+  the idle time it was running through (its callers included), and each of the largest gaps names the innermost
+  Python function running through it (the line of a library's code the GPU waits on).
 The traced steps run slower (the profiler's own host cost); bench leaves them out of its figures.
 """
 
@@ -29,6 +32,7 @@ class HostOp:
     end: float
     name: str
     depth: int = 0
+    python: bool = False  # a Python function's call (traced with_stack), not a torch op
 
 
 @dataclass(frozen=True)
@@ -43,8 +47,8 @@ class Kernel:
 class StepProfiler:
     """torch.profiler over the given optimizer steps (1-based, rank 0 only), written to `out` when the last ends."""
 
-    def __init__(self, steps: list[int], out: Path) -> None:
-        self.steps, self.out, self.profiler = sorted(steps), out, None
+    def __init__(self, steps: list[int], out: Path, python: bool = False) -> None:
+        self.steps, self.out, self.python, self.profiler = sorted(steps), out, python, None
 
     def callback(self) -> Any:
         import torch
@@ -58,7 +62,9 @@ class StepProfiler:
                     activities = [torch.profiler.ProfilerActivity.CPU]
                     if torch.cuda.is_available():
                         activities.append(torch.profiler.ProfilerActivity.CUDA)
-                    prof.profiler = torch.profiler.profile(activities=activities, record_shapes=False)
+                    prof.profiler = torch.profiler.profile(
+                        activities=activities, record_shapes=False, with_stack=prof.python
+                    )
                     prof.profiler.__enter__()
 
             def on_step_end(self, args, state, control, **kwargs):
@@ -101,7 +107,7 @@ def traced_events(events: Any) -> tuple[list[Kernel], list[HostOp]]:
     for e in events:
         start, end = e.time_range.start, e.time_range.end
         if e.device_type.name == "CPU":
-            host.append(HostOp(start, end, e.name, depth_of(e)))
+            host.append(HostOp(start, end, e.name, depth_of(e), bool(getattr(e, "is_python_function", False))))
         else:
             kernels.append(Kernel(start, end, e.name))
     return kernels, host
@@ -162,7 +168,10 @@ def idle_report(kernels: list[Kernel], host: list[HostOp], top: int = 15) -> dic
     half as much of the gap as the op overlapping it most (a gap inside `aten::item` inside `compute_loss`'s
     ops names `aten::item`), and separately to the outermost op overlapping it most (what the step was doing).
     NCCL kernels run beside compute kernels on their own streams: `exposed_nccl_ms` is the time one runs and
-    no compute kernel does."""
+    no compute kernel does. Traced Python calls (HostOp.python) stay out of those tables; they get their own:
+    every Python function is credited with the part of each gap it runs through (so a caller's figure includes its
+    callees'), and each of the largest gaps names the most deeply nested Python function overlapping it at least
+    half as much as the one overlapping it most, built-ins left out."""
     if not kernels:
         return {"idle_ms": None, "gaps": 0}
     spans = [(k.start, k.end) for k in kernels] + [(h.start, h.end) for h in host]
@@ -171,6 +180,7 @@ def idle_report(kernels: list[Kernel], host: list[HostOp], top: int = 15) -> dic
     gaps = minus([wall], busy)
     inner: dict[str, list[float]] = {}
     outer: dict[str, list[float]] = {}
+    python: dict[str, list[float]] = {}
     largest = []
     ops = sorted(host, key=lambda h: h.start)
     active: list[HostOp] = []
@@ -181,33 +191,50 @@ def idle_report(kernels: list[Kernel], host: list[HostOp], top: int = 15) -> dic
             i += 1
         active = [op for op in active if op.end > a]
         over = [(min(op.end, b) - max(op.start, a), op) for op in active]
-        most = max((o for o, _ in over), default=0.0)
-        deep = [op for o, op in over if most > 0 and o >= most / 2]
-        inner_name = max(deep, key=lambda op: op.depth).name if deep else NO_HOST_OP
+        calls = [(o, op) for o, op in over if op.python and o > 0]
+        over = [(o, op) for o, op in over if not op.python]
+        inner_name = innermost(over) or NO_HOST_OP
         tops = [(o, op) for o, op in over if op.depth == 0 and o > 0]
         outer_name = max(tops, key=lambda t: t[0])[1].name if tops else NO_HOST_OP
         for table, name in ((inner, inner_name), (outer, outer_name)):
             entry = table.setdefault(name, [0.0, 0])
             entry[0] += b - a
             entry[1] += 1
-        largest.append((b - a, a - wall[0], inner_name, outer_name))
+        for o, op in calls:
+            entry = python.setdefault(op.name, [0.0, 0])
+            entry[0] += o
+            entry[1] += 1
+        function = innermost([(o, op) for o, op in calls if not op.name.startswith("<built-in")])
+        largest.append((b - a, a - wall[0], inner_name, outer_name, function))
 
-    def ranked(table: dict[str, list[float]]) -> list[dict[str, Any]]:
+    def ranked(table: dict[str, list[float]], top: int = top, key: str = "host_op") -> list[dict[str, Any]]:
         rows = sorted(table.items(), key=lambda item: -item[1][0])[:top]
-        return [{"host_op": name, "idle_ms": round(ms / 1e3, 3), "gaps": int(n)} for name, (ms, n) in rows]
+        return [{key: name, "idle_ms": round(ms / 1e3, 3), "gaps": int(n)} for name, (ms, n) in rows]
+
+    def gap(ms: float, at: float, name: str, top_name: str, function: str | None) -> dict[str, Any]:
+        row = {"idle_ms": round(ms / 1e3, 3), "at_ms": round(at / 1e3, 3), "host_op": name, "outermost": top_name}
+        return row | ({"python": function} if function else {})
 
     nccl = merged([(k.start, k.end) for k in kernels if "nccl" in k.name.lower()])
     compute = merged([(k.start, k.end) for k in kernels if "nccl" not in k.name.lower()])
-    return {
+    report = {
         "wall_ms": round((wall[1] - wall[0]) / 1e3, 3),
         "idle_ms": round(length(gaps) / 1e3, 3),
         "gaps": len(gaps),
         "idle_by_innermost_host_op": ranked(inner),
         "idle_by_outermost_host_op": ranked(outer),
-        "largest_gaps": [
-            {"idle_ms": round(ms / 1e3, 3), "at_ms": round(at / 1e3, 3), "host_op": name, "outermost": top_name}
-            for ms, at, name, top_name in sorted(largest, reverse=True)[:top]
-        ],
+        "largest_gaps": [gap(*row) for row in sorted(largest, key=lambda row: row[:2], reverse=True)[:top]],
         "nccl_ms": round(length(nccl) / 1e3, 3),
         "exposed_nccl_ms": round(length(minus(nccl, compute)) / 1e3, 3),
     }
+    if python:  # deep call chains: callers fill the top rows, so more of them
+        report["idle_by_python_function"] = ranked(python, top=4 * top, key="function")
+    return report
+
+
+def innermost(over: list[tuple[float, HostOp]]) -> str | None:
+    """Of (overlap, op) pairs with a gap: the most deeply nested op overlapping it at least half as much as the op
+    overlapping it most (None when nothing overlaps)."""
+    most = max((o for o, _ in over), default=0.0)
+    deep = [op for o, op in over if most > 0 and o >= most / 2]
+    return max(deep, key=lambda op: op.depth).name if deep else None

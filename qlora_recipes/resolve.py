@@ -422,6 +422,11 @@ def validate(resolved: Resolved) -> None:
         "fetched). Use dist=zero3 or set it false",
     )
     need(
+        not t.profile_python or bool(t.profile_steps),
+        "trainer.profile_python=true records Python calls in the traced steps, and trainer.profile_steps names none. "
+        "Name the steps to trace (e.g. trainer.profile_steps=[6]; bench: bench.profile=true) or set it false",
+    )
+    need(
         not r.dist.zero3_leaf_fast_sharding or (r.dist.zero3_leaf_blocks and plan.is_zero3(r)),
         f"dist.zero3_leaf_fast_sharding=true with dist={backend.value} and "
         f"dist.zero3_leaf_blocks={str(r.dist.zero3_leaf_blocks).lower()}: it changes how ZeRO-3 fetches and releases "

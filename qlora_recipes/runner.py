@@ -1118,7 +1118,8 @@ def _train(run_dir: Path, resolved: Resolved, resume: str | None, stop: Graceful
     clock = StepClock(trainer)
     trainer.add_callback(clock.callback())
     if recipe.trainer.profile_steps and main:
-        trainer.add_callback(StepProfiler(list(recipe.trainer.profile_steps), run_dir / "profile").callback())
+        profiler = StepProfiler(list(recipe.trainer.profile_steps), run_dir / "profile", recipe.trainer.profile_python)
+        trainer.add_callback(profiler.callback())
     result = trainer.train(resume_from_checkpoint=resume)
     if stop.signum is not None:
         latest = rundir.latest_checkpoint(run_dir)

@@ -324,6 +324,9 @@ class TrainerConfig:
     max_prompt_len: Optional[int] = None  # pairs with a longer prompt (tokens) are dropped; None = no limit
     max_completion_len: Optional[int] = None  # pairs with a longer chosen/rejected answer are dropped
     profile_steps: List[int] = field(default_factory=list)  # optimizer steps traced by torch.profiler (rank 0)
+    # the traced steps also record Python calls (torch.profiler's with_stack; slower still): profile/idle.json then
+    # names the Python function the GPU waits on in each of the largest gaps
+    profile_python: bool = False
     save_final: bool = True  # write the adapter (or model) at the end; bench turns it off
 
 

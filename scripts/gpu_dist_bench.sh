@@ -8,6 +8,8 @@
 # and the fixed cost of a step (optimizer, gathers) weighs twice as much per token.
 # MICRO=4 sets the micro-batch of every run (default 2: 2 micro-batches a step per GPU; 4: one) and suffixes the names.
 # On a fresh machine (install and checkpoint build) the single run and two sharded variants took 431 s (call AM).
+# PROFILE_PYTHON=1 also records the traced steps' Python calls (trainer.profile_python): idle.json names the Python
+# function behind each large gap.
 # PROCS=1 runs the sharded variants as one process (a 1-GPU machine: the sharding's hooks without communication).
 # ROUNDS=2 runs the whole sequence twice in the call (on a warm machine with the checkpoint built, single + one
 # sharded variant twice fit 10 minutes: ~220 s a round in the twelfth session's calls).
@@ -44,7 +46,7 @@ for round in $(seq 1 "${ROUNDS:-1}"); do
   [ "$round" = 1 ] || export NO_INSTALL=1 APPEND=1
   [ -d /tmp/qrc/models/bench-llama2_7b ] && first=130 || first=230  # the first run on a machine builds the checkpoint
   TIMEOUT=$first VARIANTS="single$suffix: $O quant.upcast_unquantized=false" bash scripts/gpu_bench.sh || exit 1
-  profile=; [ "$round" = 1 ] && profile=" bench.profile=true"
+  profile=; [ "$round" = 1 ] && profile=" bench.profile=true${PROFILE_PYTHON:+ trainer.profile_python=true}"
   for name in "$@"; do
     [ -n "${SHARDED[$name]:-}" ] || { echo "unknown variant $name (${!SHARDED[*]})"; exit 2; }
     NO_INSTALL=1 APPEND=1 TIMEOUT=${TIMEOUT_SHARDED:-330} COMMON="$COMMON$profile" \

@@ -149,7 +149,7 @@ def test_bench_runs_each_variant_and_writes_the_table(tmp_path, capsys):
         "bench.warmup=1",
         "bench.profile=true",
         "trainer.max_seq_len=128",
-        'bench.variants=[plain,"r4: lora.r=4"]',
+        'bench.variants=[plain,"r4: lora.r=4 trainer.profile_python=true"]',  # r4's trace records Python calls
         f"output_dir={out}",
     ]
     assert cli.main(args) == 0
@@ -168,8 +168,9 @@ def test_bench_runs_each_variant_and_writes_the_table(tmp_path, capsys):
         assert not (out / result["name"] / "adapter").exists()  # bench saves nothing
     recipe = (out / "r4" / "recipe.yaml").read_text()
     assert "r: 4" in recipe and "name_or_path: " + str(bench.checkpoint(BenchShape.tiny)) in recipe
+    assert "profile_python: true" in recipe
     table = (out / "bench.md").read_text()
-    assert "| plain | 1 |" in table and "| r4 | 1 |" in table and "`lora.r=4`" in table
+    assert "| plain | 1 |" in table and "| r4 | 1 |" in table and "`lora.r=4 trainer.profile_python=true`" in table
     assert "| 0.00% | `(recipe)` |" in table  # the baseline against itself
     assert "tokens/s per GPU" in capsys.readouterr().out
     assert cli.main(args) == 2  # an existing bench dir is never overwritten
@@ -180,6 +181,57 @@ def test_gpu_busy_is_the_union_of_kernel_spans_over_the_wall():
     busy = profiling.gpu_busy(spans)  # kernels 1-3 ms and 2-4 ms overlap: 3 ms, then 1 ms, of a 10 ms wall
     assert busy == {"wall_ms": 10.0, "gpu_busy_ms": 4.0, "gpu_busy_fraction": 0.4, "kernels": 3}
     assert profiling.gpu_busy([(0.0, 5.0, "CPU")])["gpu_busy_fraction"] is None
+
+
+def test_idle_gaps_name_the_python_functions_running_through_them():
+    """trainer.profile_python: traced Python calls get their own table (each credited with the idle time it runs
+    through, callers included) and name each large gap's innermost function; the op tables are as without them."""
+    from qlora_recipes.profiling import HostOp, Kernel
+
+    host = [
+        HostOp(0, 10_000, "trainer.py(10): training_step", 0, python=True),
+        HostOp(500, 4_500, "stage3.py(2873): step", 1, python=True),
+        HostOp(1_000, 4_000, "stage3.py(3321): _partition_all_parameters", 2, python=True),
+        HostOp(1_000, 3_900, "<built-in method item of Tensor object>", 3, python=True),
+        HostOp(1_100, 3_800, "aten::item", 4),
+        HostOp(6_000, 8_000, "optimizer.py(5): zero_grad", 1, python=True),
+    ]
+    kernels = [Kernel(0, 1_000, "gemm"), Kernel(5_000, 6_000, "gemm"), Kernel(9_000, 10_000, "gemm")]
+    report = profiling.idle_report(kernels, host)
+    assert report["idle_ms"] == 7.0 and report["gaps"] == 2  # 1-5 ms and 6-9 ms
+    assert report["idle_by_innermost_host_op"] == [
+        {"host_op": "aten::item", "idle_ms": 4.0, "gaps": 1},
+        {"host_op": "(no host op traced)", "idle_ms": 3.0, "gaps": 1},  # Python only: no torch op runs through it
+    ]
+    assert report["idle_by_python_function"] == [
+        {"function": "trainer.py(10): training_step", "idle_ms": 7.0, "gaps": 2},
+        {"function": "stage3.py(2873): step", "idle_ms": 3.5, "gaps": 1},
+        {"function": "stage3.py(3321): _partition_all_parameters", "idle_ms": 3.0, "gaps": 1},
+        {"function": "<built-in method item of Tensor object>", "idle_ms": 2.9, "gaps": 1},
+        {"function": "optimizer.py(5): zero_grad", "idle_ms": 2.0, "gaps": 1},
+    ]
+    first, second = report["largest_gaps"]
+    assert first["idle_ms"] == 4.0 and first["host_op"] == "aten::item"
+    assert first["python"] == "stage3.py(3321): _partition_all_parameters"  # the built-in inside it left out
+    assert second["idle_ms"] == 3.0 and second["python"] == "optimizer.py(5): zero_grad"
+
+
+def test_traced_python_calls_are_marked_as_such():
+    import torch
+
+    def python_loop():
+        return sum(range(20_000))
+
+    def step(x):
+        python_loop()
+        return (x @ x).sum()
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_stack=True) as traced:
+        step(torch.ones(8, 8))
+    _, host = profiling.traced_events(traced.events())
+    calls = {op.name.rsplit(": ", 1)[-1] for op in host if op.python}
+    assert {"step", "python_loop"} <= calls
+    assert any(op.name == "aten::mm" and not op.python for op in host)
 
 
 def test_idle_gaps_are_put_down_to_the_host_op_running_through_them():
@@ -208,6 +260,7 @@ def test_idle_gaps_are_put_down_to_the_host_op_running_through_them():
     assert report["largest_gaps"][0] == {"idle_ms": 1.6, "at_ms": 3.0, "host_op": "aten::item", "outermost": "step"}
     # the all-gather runs 2 ms, 0.5 of it beside a compute kernel
     assert report["nccl_ms"] == 2.0 and report["exposed_nccl_ms"] == 1.5
+    assert "idle_by_python_function" not in report and "python" not in report["largest_gaps"][0]
     untraced = profiling.idle_report([Kernel(0, 1_000, "a"), Kernel(2_000, 3_000, "b")], [HostOp(0, 500, "x")])
     assert untraced["idle_by_innermost_host_op"] == [{"host_op": NO_HOST_OP, "idle_ms": 1.0, "gaps": 1}]
     assert profiling.idle_report([], host) == {"idle_ms": None, "gaps": 0}

@@ -10,6 +10,7 @@ GPU = Device(kind="cuda", count=1, bf16=True)
     "overrides, device, message",
     [
         (("lora.r=-1",), None, "lora.r=-1"),
+        (("trainer.profile_python=true",), None, "trainer.profile_steps names none"),
         (("lora.dropout=1.0",), None, "lora.dropout=1.0"),
         (("trainer.learning_rate=0",), None, "trainer.learning_rate=0"),
         (("trainer.batch_size=6", "trainer.micro_batch_size=4"), None, "not a multiple"),
