@@ -658,11 +658,16 @@ def after_wrapping(trainer: Any, recipe: RecipeConfig) -> None:
             if torch_linear and restore_torch_linear():
                 log.info("ZeRO-3: torch.nn.functional.linear restored (dist.zero3_memory_efficient_linear)")
             if fast_sharding:
-                coordinator = trainer.deepspeed.optimizer.parameter_offload.get_param_coordinator()
-                coordinator.fast_sharding_for_leaf_module = True
+                zero3_fast_leaf_sharding(trainer.deepspeed)
                 log.info("ZeRO-3: fast sharding of the leaf blocks (dist.zero3_leaf_fast_sharding)")
 
     trainer.add_callback(AfterWrapping())
+
+
+def zero3_fast_leaf_sharding(engine: Any) -> None:
+    """Turn on DeepSpeed 0.19.8's fast sharding of leaf modules on a ZeRO-3 engine: its parameter coordinator reads
+    the flag at every fetch and release of a leaf module."""
+    engine.optimizer.parameter_offload.get_param_coordinator().fast_sharding_for_leaf_module = True
 
 
 def fsdp2_keep_quant_states(model: Any) -> int:

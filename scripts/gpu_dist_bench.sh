@@ -7,7 +7,7 @@
 # sequences a step on 2 GPUs). SHARDED_BATCH=4 keeps the global batch instead: each GPU then does half the work a step
 # and the fixed cost of a step (optimizer, gathers) weighs twice as much per token.
 # MICRO=4 sets the micro-batch of every run (default 2: 2 micro-batches a step per GPU; 4: one) and suffixes the names.
-# On a fresh machine (install and checkpoint build) the single run and two sharded variants took 431 s (call AM).
+# On a fresh machine (install and checkpoint build) the single run and two sharded variants took 388-550 s (AM-AU).
 # PROFILE_PYTHON=1 also records the traced steps' Python calls (trainer.profile_python): idle.json names the Python
 # function behind each large gap.
 # PROCS=1 runs the sharded variants as one process (a 1-GPU machine: the sharding's hooks without communication).

@@ -50,7 +50,7 @@ from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM
 
 from qlora_recipes.models import tiny_checkpoint
-from qlora_recipes.runner import COMPILE_VARIANTS, compile_block, decoder_blocks
+from qlora_recipes.runner import COMPILE_VARIANTS, compile_block, decoder_blocks, zero3_fast_leaf_sharding
 
 
 def main() -> None:
@@ -86,7 +86,7 @@ def main() -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=config)
     if os.environ.get("FAST") == "1":
-        engine.optimizer.parameter_offload.get_param_coordinator().fast_sharding_for_leaf_module = True
+        zero3_fast_leaf_sharding(engine)
     torch.manual_seed(0)
     seconds = []
     profiler = cProfile.Profile() if os.environ.get("PROFILE") else None
