@@ -163,6 +163,7 @@ def _clip_both_ways(rank: int, world: int, rendezvous: str) -> None:
     plain = torch.nn.Parameter(torch.ones(2))
     plain.grad = torch.ones(2)
     assert fsdp2_grad_shards([plain]) is None  # not FSDP2's: accelerate's clipping
+    dist.barrier()  # neither rank tears gloo down while the other is still in a collective (SIGABRT under load)
     dist.destroy_process_group()
 
 
@@ -201,6 +202,7 @@ def _accumulate_both_ways(rank: int, world: int, rendezvous: str) -> None:
             grads[sync_each] = [p.grad.full_tensor().float() for p in model.parameters()]
         for each, once in zip(grads[True], grads[False], strict=True):
             assert each.abs().sum() > 0 and torch.allclose(each, once, rtol=1e-2, atol=1e-3), (reduce_dtype, each, once)
+    dist.barrier()  # as in _clip_both_ways
     dist.destroy_process_group()
 
 
