@@ -416,6 +416,19 @@ def validate(resolved: Resolved) -> None:
         "trainer.torch_compile rejects) and one whole model per GPU (dist=single or ddp, not sharded). Set it false or "
         "change those",
     )
+    if t.offload_checkpoints:
+        need(
+            t.gradient_checkpointing and t.use_reentrant,
+            "trainer.offload_checkpoints=true moves what reentrant gradient checkpointing saves for the backward to "
+            "host memory; this run has trainer.gradient_checkpointing="
+            f"{str(t.gradient_checkpointing).lower()}, trainer.use_reentrant={str(t.use_reentrant).lower()} "
+            "(the non-reentrant checkpoint keeps its inputs where they are). Set both true, or set it false",
+        )
+        need(
+            device.kind == "cuda" and r.backend is not Backend.unsloth,
+            "trainer.offload_checkpoints=true frees GPU memory: it needs a CUDA GPU (on CPU the checkpoints are in "
+            "host memory already) and backend=hf (Unsloth offloads its checkpoints itself). Set it false",
+        )
     need(
         not r.dist.zero3_leaf_blocks or plan.is_zero3(r),
         f"dist.zero3_leaf_blocks=true with dist={backend.value}: it is a ZeRO-3 setting (how parameters are "

@@ -643,11 +643,14 @@ def after_wrapping(trainer: Any, recipe: RecipeConfig) -> None:
       the weights loaded, from the config as it was before the recipe's overrides; put torch's back.
     - ZeRO-3 leaf blocks with `dist.zero3_leaf_fast_sharding`: DeepSpeed's fast sharding of leaf modules. DeepSpeed
       0.19.8 reads it from its parameter coordinator and sets it only when it picks the leaves itself
-      (`stage3_module_granularity_threshold`); the runner picks them by class (tune_blocks), so it sets it."""
+      (`stage3_module_granularity_threshold`); the runner picks them by class (tune_blocks), so it sets it.
+    - `trainer.offload_checkpoints`: each checkpointed block's checkpoint function saves its inputs to host memory
+      (offload.py). The Trainer sets those functions when it enables gradient checkpointing, as training starts."""
     keep_quant_states = plan.is_fsdp2(recipe) and recipe.trainer.torch_compile and recipe.quant.load_in_4bit
     torch_linear = plan.zero3_torch_linear(recipe)
     fast_sharding = plan.zero3_leaf_fast_sharding(recipe)
-    if not (keep_quant_states or torch_linear or fast_sharding):
+    offload = recipe.trainer.offload_checkpoints
+    if not (keep_quant_states or torch_linear or fast_sharding or offload):
         return
     from transformers import TrainerCallback
 
@@ -660,6 +663,16 @@ def after_wrapping(trainer: Any, recipe: RecipeConfig) -> None:
             if fast_sharding:
                 zero3_fast_leaf_sharding(trainer.deepspeed)
                 log.info("ZeRO-3: fast sharding of the leaf blocks (dist.zero3_leaf_fast_sharding)")
+            if offload:
+                from qlora_recipes.offload import CheckpointOffload
+
+                blocks = CheckpointOffload(trainer.accelerator.device).install(decoder_blocks(trainer.model))
+                if not blocks:
+                    raise RecipeError(
+                        "trainer.offload_checkpoints=true, but no decoder block of the model is gradient-checkpointed. "
+                        "Set it false"
+                    )
+                log.info("trainer.offload_checkpoints: %d checkpointed blocks keep their inputs in host memory", blocks)
 
     trainer.add_callback(AfterWrapping())
 

@@ -287,6 +287,10 @@ class TrainerConfig:
     loss_on: LossOn = LossOn.all
     gradient_checkpointing: bool = False  # ~30% slower steps for far less activation memory
     use_reentrant: bool = False
+    # Keep the checkpointed blocks' inputs in pinned host memory from the forward to the backward (CUDA, reentrant
+    # checkpointing; offload.py): the GPU holds none of them (32 blocks x a micro-batch of 2 x 2,048 tokens of a 7B
+    # shape: 1 GiB), for two PCIe copies a block that overlap the compute. Room for a larger micro-batch
+    offload_checkpoints: bool = False
     liger: bool = False  # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA, SFT; liger-kernel installed)
     # torch.compile each decoder block in place (one compile serves all the identical blocks): fewer, fused
     # kernels and far less Python per step; the first steps compile (~2 min on a 7B shape, docs/performance.md)

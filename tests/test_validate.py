@@ -38,6 +38,14 @@ GPU = Device(kind="cuda", count=1, bf16=True)
         (("trainer.liger=true",), GPU, "liger-kernel package is not installed"),
         (("+recipe=smollm2_dpo", "trainer.liger=true"), GPU, "SFT on CUDA only"),
         (("+recipe=smollm2_dpo", "trainer.lazy_metrics=true"), None, "DPO and ORPO read theirs as TRL does"),
+        (("trainer.offload_checkpoints=true",), GPU, "trainer.gradient_checkpointing=false, trainer.use_reentrant"),
+        (
+            ("+recipe=llama2_chatml", "trainer.offload_checkpoints=true", "trainer.use_reentrant=false"),
+            GPU,
+            "non-reentrant",
+        ),
+        (("+recipe=llama2_chatml", "trainer.offload_checkpoints=true"), None, "host memory already"),
+        (("+recipe=llama2_chatml", "trainer.offload_checkpoints=true", "backend=unsloth"), GPU, "Unsloth offloads"),
         (("template=tokenizer", "template.add_tokens=true"), None, "add_tokens=false"),
         (("trainer.loss_on=assistant", "data.format=text"), None, "no assistant turns"),
         (("trainer.eval_strategy=steps",), None, "eval_steps"),
@@ -101,3 +109,8 @@ def test_compiler_probe_reads_path_and_cxx(tmp_path, monkeypatch):
     tool.chmod(0o755)
     monkeypatch.setenv("CXX", "my-cxx")
     assert has_compiler()
+
+
+def test_checkpoint_offload_resolves_with_reentrant_checkpointing_on_a_gpu(recipe_of):
+    recipe = recipe_of("+recipe=llama2_chatml", "trainer.offload_checkpoints=true", device=GPU).recipe
+    assert recipe.trainer.offload_checkpoints and recipe.trainer.use_reentrant

@@ -1,0 +1,125 @@
+"""`trainer.offload_checkpoints`: the block inputs that reentrant gradient checkpointing keeps for the backward are
+held in pinned host memory between a micro-batch's forward and its backward, so the GPU keeps no block's checkpoint.
+
+Forward: each checkpointed block's input is copied to host memory on a side stream while the next block computes
+(no host-GPU sync; the caching allocator reuses the GPU copy only once the side stream has read it). Backward: the
+blocks come back in reverse order, and fetching one block's input also starts the copy of the block before it, so
+each is on the GPU before its recompute needs it and at most two are there at once.
+
+It takes reentrant checkpointing (`torch.utils.checkpoint` with use_reentrant=True), whose checkpoint function saves
+the block's tensor inputs with `save_for_backward`, where saved-tensor hooks reach them; the non-reentrant
+checkpoint keeps its inputs by reference instead. Without CUDA the same bookkeeping runs with plain copies (tests)."""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any
+
+MIN_BYTES = 1 << 20  # smaller saved tensors (none of a block's hidden states) stay where they are
+
+
+class Stored:
+    """One offloaded tensor: its host copy; while fetched, its device copy and the event that says it has arrived;
+    and (weakly) the tensor offloaded just before it, which the backward needs next."""
+
+    __slots__ = ("host", "fetched", "ready", "previous", "__weakref__")
+
+    def __init__(self, host: Any, previous: Any) -> None:
+        self.host = host
+        self.fetched = None
+        self.ready = None
+        self.previous = previous
+
+
+class CheckpointOffload:
+    """Saved-tensor hooks for the checkpointed blocks of one model on one device (`install` puts them in place);
+    `stored` and `fetched` count tensors moved each way."""
+
+    def __init__(self, device: Any) -> None:
+        import torch
+
+        self.device = torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.last: Any = None  # weak reference to the latest Stored: the next one's predecessor
+        self.stored = 0
+        self.fetched = 0
+
+    def worth(self, tensor: Any) -> bool:
+        import torch
+
+        return (
+            tensor.device == self.device
+            and not isinstance(tensor, torch.nn.Parameter)
+            and tensor.is_contiguous()
+            and tensor.numel() * tensor.element_size() >= MIN_BYTES
+        )
+
+    def pack(self, tensor: Any) -> Any:
+        if not self.worth(tensor):
+            return tensor
+        import torch
+
+        source = tensor.detach()
+        if self.stream is None:
+            host = source.clone()
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))  # the block that made it has run
+            with torch.cuda.stream(self.stream):
+                host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
+                host.copy_(source, non_blocking=True)
+            tensor.record_stream(self.stream)  # its memory is reused only after this copy has read it
+        item = Stored(host, self.last)
+        self.last = weakref.ref(item)
+        self.stored += 1
+        return item
+
+    def unpack(self, item: Any) -> Any:
+        if not isinstance(item, Stored):
+            return item
+        self.fetch(item)
+        previous = item.previous() if item.previous is not None else None
+        if previous is not None:
+            self.fetch(previous)  # the block the backward reaches next
+        tensor, item.fetched = item.fetched, None
+        if self.stream is not None:
+            import torch
+
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(item.ready)
+            tensor.record_stream(current)
+        return tensor
+
+    def fetch(self, item: Stored) -> None:
+        if item.fetched is not None:
+            return
+        self.fetched += 1
+        if self.stream is None:
+            item.fetched = item.host.clone()
+            return
+        import torch
+
+        with torch.cuda.stream(self.stream):  # after this stream's copy to the host, so the host copy is complete
+            item.fetched = item.host.to(self.device, non_blocking=True)
+            item.ready = torch.cuda.Event()
+            item.ready.record(self.stream)
+
+    def checkpoint(self, checkpoint_func: Any, function: Any, *args: Any, **kwargs: Any) -> Any:
+        """A module's `_gradient_checkpointing_func`, with what it saves for the backward offloaded."""
+        import torch
+
+        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
+            return checkpoint_func(function, *args, **kwargs)
+
+    def install(self, blocks: list[Any]) -> int:
+        """Route each gradient-checkpointed block through `checkpoint`, after gradient checkpointing was enabled
+        (which sets each block's `_gradient_checkpointing_func`). Returns how many blocks are routed."""
+        count = 0
+        for block in blocks:
+            func = getattr(block, "_gradient_checkpointing_func", None)
+            if func is None or not getattr(block, "gradient_checkpointing", False):
+                continue
+            if not (isinstance(func, functools.partial) and func.func == self.checkpoint):
+                block._gradient_checkpointing_func = functools.partial(self.checkpoint, func)
+            count += 1
+        return count

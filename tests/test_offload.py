@@ -1,0 +1,169 @@
+"""trainer.offload_checkpoints (offload.py): checkpointed block inputs held off the device until the backward."""
+
+import functools
+
+import pytest
+import torch
+import torch.utils.checkpoint as cp
+
+from qlora_recipes import offload
+from qlora_recipes.offload import CheckpointOffload, Stored
+from qlora_recipes.runner import decoder_blocks, setup_model, setup_tokenizer
+
+REENTRANT = functools.partial(cp.checkpoint, use_reentrant=True)
+
+
+class Traced(CheckpointOffload):
+    """Records each pack, unpack and fetch (by the order the tensors were stored) to check the backward's order."""
+
+    def __init__(self, device):
+        super().__init__(device)
+        self.events, self.ids = [], {}
+
+    def pack(self, tensor):
+        item = super().pack(tensor)
+        if isinstance(item, Stored):
+            self.ids[id(item)] = len(self.ids)
+            self.events.append(("pack", self.ids[id(item)]))
+        return item
+
+    def unpack(self, item):
+        if isinstance(item, Stored):
+            self.events.append(("unpack", self.ids[id(item)]))
+        return super().unpack(item)
+
+    def fetch(self, item):
+        if item.fetched is None:
+            self.events.append(("fetch", self.ids[id(item)]))
+        super().fetch(item)
+
+
+def chain(offloader, blocks, x):
+    for block in blocks:
+        x = offloader.checkpoint(REENTRANT, block, x) if offloader else REENTRANT(block, x)
+    return x
+
+
+def test_backward_fetches_each_block_input_one_block_ahead(monkeypatch):
+    """Four checkpointed blocks: each input is stored once in the forward; in the backward, unpacking block k's input
+    starts the fetch of block k-1's, so each is fetched once, before its block's recompute asks for it; and the
+    gradients are those of the checkpoints kept in memory."""
+    monkeypatch.setattr(offload, "MIN_BYTES", 1024)
+    torch.manual_seed(0)
+    blocks = [torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh()) for _ in range(4)]
+    x = torch.randn(32, 64, requires_grad=True)  # 8 KiB: stored
+    chain(None, blocks, x).square().sum().backward()
+    expected = [x.grad.clone(), *(p.grad.clone() for b in blocks for p in b.parameters())]
+    x.grad = None
+    for b in blocks:
+        b.zero_grad()
+
+    traced = Traced("cpu")
+    chain(traced, blocks, x).square().sum().backward()
+    assert traced.events == [
+        *(("pack", k) for k in range(4)),
+        ("unpack", 3), ("fetch", 3), ("fetch", 2),
+        ("unpack", 2), ("fetch", 1),
+        ("unpack", 1), ("fetch", 0),
+        ("unpack", 0),
+    ]  # fmt: skip
+    assert traced.stored == traced.fetched == 4
+    got = [x.grad, *(p.grad for b in blocks for p in b.parameters())]
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_small_tensors_and_parameters_stay_where_they_are(monkeypatch):
+    monkeypatch.setattr(offload, "MIN_BYTES", 1024)
+    off = CheckpointOffload("cpu")
+    small, param = torch.randn(4, 4), torch.nn.Parameter(torch.randn(64, 64))
+    strided = torch.randn(64, 64).t()
+    assert off.pack(small) is small and off.pack(param) is param and off.pack(strided) is strided
+    big = torch.randn(64, 64)
+    item = off.pack(big)
+    assert isinstance(item, Stored) and torch.equal(off.unpack(item), big) and item.fetched is None
+    assert off.unpack(small) is small
+
+
+def test_a_new_forward_does_not_fetch_the_last_ones_inputs(monkeypatch):
+    """Micro-batches one after another: the first input of a forward links to the last of the one before, whose graph
+    has been freed by its backward; nothing is fetched for it."""
+    monkeypatch.setattr(offload, "MIN_BYTES", 1024)
+    blocks = [torch.nn.Linear(64, 64) for _ in range(3)]
+    off = CheckpointOffload("cpu")
+    for _ in range(3):
+        chain(off, blocks, torch.randn(32, 64, requires_grad=True)).sum().backward()
+    assert off.stored == off.fetched == 9
+
+
+def test_install_routes_the_tiny_llamas_blocks_and_trains_identically(recipe_of, tiny_checkpoint, monkeypatch):
+    """On the tiny 4-bit Llama under reentrant checkpointing (as the Trainer enables it): both decoder blocks go
+    through the offloader, a second install wraps nothing twice, and loss and gradients equal those without it."""
+    monkeypatch.setattr(offload, "MIN_BYTES", 1024)  # the tiny model's hidden states are 50 x 64 floats
+    resolved = recipe_of("model=tiny_llama", "template.add_tokens=false", "lora.dropout=0")
+    tokenizer, new_ids = setup_tokenizer(resolved.recipe, tiny_checkpoint)
+    torch.manual_seed(0)
+    model = setup_model(resolved, tiny_checkpoint, tokenizer, new_ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.enable_input_require_grads()
+    model.train()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+    ids = torch.arange(3, 53).unsqueeze(0)
+
+    def loss_and_grads():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad()
+        return loss.detach(), grads
+
+    loss, grads = loss_and_grads()
+    off = CheckpointOffload("cpu")
+    blocks = decoder_blocks(model)
+    assert off.install(blocks) == len(blocks) == 2
+    assert off.install(blocks) == 2
+    assert all(b._gradient_checkpointing_func.args[0].func is cp.checkpoint for b in blocks)
+    offloaded_loss, offloaded_grads = loss_and_grads()
+    assert off.stored == off.fetched == 2
+    assert torch.equal(offloaded_loss, loss)
+    assert offloaded_grads.keys() == grads.keys() and len(grads) == 28
+    for name, grad in grads.items():
+        assert torch.equal(offloaded_grads[name], grad), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_offloaded_checkpoints_free_gpu_memory_and_keep_the_gradients():
+    """On CUDA (side-stream copies, pinned memory), 8 checkpointed blocks with 64 MiB inputs: the same gradients as
+    with the checkpoints kept on the GPU, and after the forward the GPU holds none of the 7 inputs the blocks made."""
+    torch.manual_seed(0)
+    width, rows, n = 4096, 8192, 8
+    size = rows * width * 2  # bf16
+    blocks = [torch.nn.Linear(width, width, dtype=torch.bfloat16, device="cuda") for _ in range(n)]
+    x = torch.randn(rows, width, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def run(offloader):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        start = torch.cuda.memory_allocated()
+        out = chain(offloader, blocks, x)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # frees what waited on the side stream's copies
+        held = torch.cuda.memory_allocated() - start
+        out.float().square().sum().backward()
+        torch.cuda.synchronize()
+        grads = [x.grad.clone(), *(b.weight.grad.clone() for b in blocks)]
+        x.grad = None
+        for b in blocks:
+            b.zero_grad(set_to_none=True)
+        return held, grads
+
+    kept_held, kept = run(None)
+    off = CheckpointOffload("cuda")
+    offloaded_held, offloaded = run(off)
+    assert off.stored == off.fetched == n  # x too, though its caller keeps it
+    assert kept_held >= n * size and offloaded_held <= size + (1 << 20)  # the output alone
+    for a, b in zip(offloaded, kept, strict=True):
+        assert torch.equal(a, b)
