@@ -39,8 +39,11 @@ class CheckpointOffload:
     def __init__(self, device: Any) -> None:
         import torch
 
-        self.device = torch.device(device)
-        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # accelerate's device on one GPU is "cuda", tensors' cuda:N
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.last: Any = None  # weak reference to the latest Stored: the next one's predecessor
         self.stored = 0
         self.fetched = 0

@@ -110,7 +110,7 @@ def test_install_routes_the_tiny_llamas_blocks_and_trains_identically(recipe_of,
     for name, param in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
-    ids = torch.arange(3, 53).unsqueeze(0)
+    ids = torch.arange(3, 53, device=model.device).unsqueeze(0)
 
     def loss_and_grads():
         loss = model(input_ids=ids, labels=ids).loss
@@ -120,7 +120,7 @@ def test_install_routes_the_tiny_llamas_blocks_and_trains_identically(recipe_of,
         return loss.detach(), grads
 
     loss, grads = loss_and_grads()
-    off = CheckpointOffload("cpu")
+    off = CheckpointOffload(model.device)  # the CUDA path where there is a GPU
     blocks = decoder_blocks(model)
     assert off.install(blocks) == len(blocks) == 2
     assert off.install(blocks) == 2
