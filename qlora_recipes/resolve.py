@@ -395,6 +395,12 @@ def validate(resolved: Resolved) -> None:
         "its kernels with it. Install one (e.g. apt install g++) or set trainer.torch_compile=false",
     )
     need(
+        0 < t.activation_memory_budget <= 1 and (t.torch_compile or t.activation_memory_budget == 1),
+        f"trainer.activation_memory_budget={t.activation_memory_budget}: the share (0 to 1] of a compiled block's "
+        "activations its backward may keep, used with trainer.torch_compile=true (1.0, torch's default, keeps what "
+        "the compiler chooses). Set a value in (0, 1] with trainer.torch_compile=true, or 1.0",
+    )
+    need(
         not (t.torch_compile and fsdp1),
         "trainer.torch_compile=true with dist=fsdp (v1): compiling a block means tracing into FSDP v1's separate "
         "units for every LoRA matrix inside it. Use dist.fsdp_version=2, dist=ddp or dist=zero3, or set "

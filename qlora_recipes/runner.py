@@ -577,7 +577,12 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
         log.info("quant.compiled_dequant: %d nf4 layers dequantized inside the compiled blocks", dequant.install(model))
     if recipe.trainer.torch_compile:
         import torch._dynamo
+        import torch._functorch.config
         import torch._logging
+
+        # process-wide, and part of the compile cache's key; set both ways, since an earlier run in this process
+        # (a sweep) may have set it
+        torch._functorch.config.activation_memory_budget = recipe.trainer.activation_memory_budget
 
         # Packed batches change length every step, and a block is entered with and without an attention mask and,
         # as the checkpoint runs outside the compiled forward (see compile_block), with and without grad: compile

@@ -121,6 +121,55 @@ def test_compiled_checkpointed_blocks_keep_no_activations_and_recompute_the_same
         torch.testing.assert_close(grad, whole_grads[name], rtol=1e-5, atol=1e-7)
 
 
+def backward_matmuls(model, length=50):
+    """How many matrix products one training step's backward runs (aten::mm/addmm calls, compiled code's included)."""
+    ids = torch.arange(3, 3 + length).unsqueeze(0)
+    loss = model(input_ids=ids, labels=ids).loss
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    model.zero_grad()
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+
+
+def test_a_lower_activation_memory_budget_recomputes_the_dropout_not_the_matmuls(recipe_of, tiny_checkpoint):
+    """trainer.activation_memory_budget=0.5 on compiled blocks (with grad, as the checkpoint's recompute runs them):
+    the forward keeps far fewer bytes for the backward (the LoRA dropout's inputs and masks),
+    the backward runs no more matrix products (no projection is recomputed), and the gradients are those at torch's
+    default budget. A budget of 0.2, for contrast, does recompute projections."""
+    import torch._functorch.config
+
+    measured = {}
+    for budget in (1.0, 0.5, 0.2):
+        recipe, model = tiny_model(
+            recipe_of,
+            tiny_checkpoint,
+            "quant=none",
+            "lora.dropout=0.1",
+            "trainer.torch_compile=true",
+            f"trainer.activation_memory_budget={budget}",
+        )
+        model.enable_input_require_grads()
+        model.train()
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.02)
+        torch._dynamo.reset()
+        tune_blocks(model, recipe)
+        assert torch._functorch.config.activation_memory_budget == budget
+        loss_and_grads(model)  # compiles
+        torch.manual_seed(1)
+        _, grads = loss_and_grads(model)
+        measured[budget] = saved_bytes(model), backward_matmuls(model), grads
+    torch._functorch.config.activation_memory_budget = 1.0
+    (full, full_mm, full_grads), (half, half_mm, half_grads) = measured[1.0], measured[0.5]
+    assert half < 0.7 * full
+    assert half_mm == full_mm > 0
+    assert measured[0.2][1] > full_mm
+    assert half_grads.keys() == full_grads.keys() and len(full_grads) == 28
+    for name, grad in half_grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-5, atol=1e-7)
+
+
 def test_tune_blocks_names_what_it_cannot_find(recipe_of):
     recipe = recipe_of("trainer.torch_compile=true").recipe
     with pytest.raises(RecipeError, match="names no decoder block class"):
