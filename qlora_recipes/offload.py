@@ -2,7 +2,7 @@
 held in pinned host memory between a micro-batch's forward and its backward, so the GPU keeps no block's checkpoint.
 
 Forward: each checkpointed block's input is copied to host memory on a side stream while the next block computes
-(no host-GPU sync; the caching allocator reuses the GPU copy only once the side stream has read it). Backward: the
+(no host-GPU sync; the caching allocator reuses the tensor's memory only once the side stream has read it). Backward: the
 blocks come back in reverse order, and fetching one block's input also starts the copy of the block before it, so
 each is on the GPU before its recompute needs it and at most two are there at once.
 

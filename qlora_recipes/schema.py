@@ -289,7 +289,8 @@ class TrainerConfig:
     use_reentrant: bool = False
     # Keep the checkpointed blocks' inputs in pinned host memory from the forward to the backward (CUDA, reentrant
     # checkpointing; offload.py): the GPU holds none of them (32 blocks x a micro-batch of 2 x 2,048 tokens of a 7B
-    # shape: 1 GiB), for two PCIe copies a block that overlap the compute. Room for a larger micro-batch
+    # shape: 1 GiB), for two PCIe copies a block (0.92x the speed at that micro-batch, in one call): room for a
+    # larger micro-batch, which pays for it (docs/performance.md)
     offload_checkpoints: bool = False
     liger: bool = False  # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA, SFT; liger-kernel installed)
     # torch.compile each decoder block in place (one compile serves all the identical blocks): fewer, fused

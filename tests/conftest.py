@@ -106,3 +106,45 @@ def spawn():
                 child.kill()
             proc.kill()
             proc.wait()
+
+
+def tiny_model(recipe_of, checkpoint, *overrides):
+    """(recipe, model): the tiny Llama with its LoRA adapter as the runner builds it (no dropout unless overridden)."""
+    import torch
+
+    from qlora_recipes.runner import setup_model, setup_tokenizer
+
+    resolved = recipe_of("model=tiny_llama", "template.add_tokens=false", "lora.dropout=0", *overrides)
+    tokenizer, new_ids = setup_tokenizer(resolved.recipe, checkpoint)
+    torch.manual_seed(0)
+    return resolved.recipe, setup_model(resolved, checkpoint, tokenizer, new_ids)
+
+
+def as_trained(model):
+    """Input gradients and train mode, as the Trainer sets them; lora_B made non-zero, so that lora_A's gradients are
+    not zero."""
+    import torch
+
+    model.enable_input_require_grads()
+    model.train()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.02)
+
+
+def train_checkpointed(model, reentrant=True):
+    """as_trained, with gradient checkpointing (reentrant by default, as llama2_chatml)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    as_trained(model)
+
+
+def loss_and_grads(model, length=50):  # not 64, the hidden size: dynamo would equate the two
+    """One forward and backward on the token ids 3..: the loss and every trainable parameter's gradient."""
+    import torch
+
+    ids = torch.arange(3, 3 + length, device=model.device).unsqueeze(0)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    return loss.detach(), grads

@@ -5,10 +5,11 @@ import functools
 import pytest
 import torch
 import torch.utils.checkpoint as cp
+from conftest import loss_and_grads, tiny_model, train_checkpointed
 
 from qlora_recipes import offload
 from qlora_recipes.offload import CheckpointOffload, Stored
-from qlora_recipes.runner import decoder_blocks, setup_model, setup_tokenizer
+from qlora_recipes.runner import decoder_blocks
 
 REENTRANT = functools.partial(cp.checkpoint, use_reentrant=True)
 
@@ -100,32 +101,15 @@ def test_install_routes_the_tiny_llamas_blocks_and_trains_identically(recipe_of,
     """On the tiny 4-bit Llama under reentrant checkpointing (as the Trainer enables it): both decoder blocks go
     through the offloader, a second install wraps nothing twice, and loss and gradients equal those without it."""
     monkeypatch.setattr(offload, "MIN_BYTES", 1024)  # the tiny model's hidden states are 50 x 64 floats
-    resolved = recipe_of("model=tiny_llama", "template.add_tokens=false", "lora.dropout=0")
-    tokenizer, new_ids = setup_tokenizer(resolved.recipe, tiny_checkpoint)
-    torch.manual_seed(0)
-    model = setup_model(resolved, tiny_checkpoint, tokenizer, new_ids)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    model.enable_input_require_grads()
-    model.train()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
-    ids = torch.arange(3, 53, device=model.device).unsqueeze(0)
-
-    def loss_and_grads():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        model.zero_grad()
-        return loss.detach(), grads
-
-    loss, grads = loss_and_grads()
+    _, model = tiny_model(recipe_of, tiny_checkpoint)
+    train_checkpointed(model)
+    loss, grads = loss_and_grads(model)
     off = CheckpointOffload(model.device)  # the CUDA path where there is a GPU
     blocks = decoder_blocks(model)
     assert off.install(blocks) == len(blocks) == 2
     assert off.install(blocks) == 2
     assert all(b._gradient_checkpointing_func.args[0].func is cp.checkpoint for b in blocks)
-    offloaded_loss, offloaded_grads = loss_and_grads()
+    offloaded_loss, offloaded_grads = loss_and_grads(model)
     assert off.stored == off.fetched == 2
     assert torch.equal(offloaded_loss, loss)
     assert offloaded_grads.keys() == grads.keys() and len(grads) == 28

@@ -4,38 +4,12 @@ import functools
 
 import pytest
 import torch
+from conftest import as_trained, loss_and_grads, tiny_model, train_checkpointed
 from torch._logging._internal import log_state
 
 from qlora_recipes.errors import RecipeError
 from qlora_recipes.resolve import Device
-from qlora_recipes.runner import COMPILE_VARIANTS, decoder_blocks, setup_model, setup_tokenizer, tune_blocks
-
-
-def tiny_model(recipe_of, checkpoint, *overrides):
-    resolved = recipe_of("model=tiny_llama", "template.add_tokens=false", "lora.dropout=0", *overrides)
-    tokenizer, new_ids = setup_tokenizer(resolved.recipe, checkpoint)
-    torch.manual_seed(0)
-    return resolved.recipe, setup_model(resolved, checkpoint, tokenizer, new_ids)
-
-
-def train_checkpointed(model, reentrant=True):
-    """Gradient checkpointing (reentrant by default, as llama2_chatml) and input gradients, as the Trainer sets them,
-    in train mode; lora_B made non-zero, so that lora_A's gradients are not zero."""
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
-    model.enable_input_require_grads()
-    model.train()
-    for name, param in model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.02)
-
-
-def loss_and_grads(model, length=50):  # not 64, the hidden size: dynamo would equate the two
-    ids = torch.arange(3, 3 + length).unsqueeze(0)
-    loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    model.zero_grad()
-    return loss.detach(), grads
+from qlora_recipes.runner import COMPILE_VARIANTS, decoder_blocks, tune_blocks
 
 
 def test_compiled_blocks_share_one_graph_and_train_like_eager(recipe_of, tiny_checkpoint):
@@ -148,11 +122,7 @@ def test_a_lower_activation_memory_budget_recomputes_the_dropout_not_the_matmuls
             "trainer.torch_compile=true",
             f"trainer.activation_memory_budget={budget}",
         )
-        model.enable_input_require_grads()
-        model.train()
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(param, std=0.02)
+        as_trained(model)
         torch._dynamo.reset()
         tune_blocks(model, recipe)
         assert torch._functorch.config.activation_memory_budget == budget
