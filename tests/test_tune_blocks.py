@@ -97,7 +97,7 @@ def test_compiled_checkpointed_blocks_keep_no_activations_and_recompute_the_same
 
 def backward_matmuls(model, length=50):
     """How many matrix products one training step's backward runs (aten::mm/addmm calls, compiled code's included)."""
-    ids = torch.arange(3, 3 + length).unsqueeze(0)
+    ids = torch.arange(3, 3 + length, device=model.device).unsqueeze(0)
     loss = model(input_ids=ids, labels=ids).loss
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         loss.backward()
@@ -105,13 +105,16 @@ def backward_matmuls(model, length=50):
     return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
 
 
-def test_a_lower_activation_memory_budget_recomputes_the_dropout_not_the_matmuls(recipe_of, tiny_checkpoint):
+def test_a_lower_activation_memory_budget_recomputes_the_dropout_not_the_matmuls(
+    recipe_of, tiny_checkpoint, monkeypatch
+):
     """trainer.activation_memory_budget=0.5 on compiled blocks (with grad, as the checkpoint's recompute runs them):
     the forward keeps far fewer bytes for the backward (the LoRA dropout's inputs and masks),
     the backward runs no more matrix products (no projection is recomputed), and the gradients are those at torch's
     default budget. A budget of 0.2, for contrast, does recompute projections."""
     import torch._functorch.config
 
+    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", 1.0)  # put back after the test
     measured = {}
     for budget in (1.0, 0.5, 0.2):
         recipe, model = tiny_model(
@@ -130,7 +133,6 @@ def test_a_lower_activation_memory_budget_recomputes_the_dropout_not_the_matmuls
         torch.manual_seed(1)
         _, grads = loss_and_grads(model)
         measured[budget] = saved_bytes(model), backward_matmuls(model), grads
-    torch._functorch.config.activation_memory_budget = 1.0
     (full, full_mm, full_grads), (half, half_mm, half_grads) = measured[1.0], measured[0.5]
     assert half < 0.7 * full
     assert half_mm == full_mm > 0
