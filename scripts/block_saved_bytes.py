@@ -1,0 +1,69 @@
+"""What one compiled Llama-2-7B-shaped decoder block keeps for its backward, by trainer.activation_memory_budget (CPU).
+
+Under gradient checkpointing the step's peak is one block's recompute: the block's compiled forward, with grad, keeps
+these bytes until its backward has run. One block of the 7B shape (hidden 4096, intermediate 11008, 32 heads; random
+weights, bf16, unquantized: the 4-bit base weights are parameters either way), LoRA r8 on every linear layer with
+dropout 0.1 as llama2_chatml, its weights in bf16 as TRL casts them on a GPU, compiled as runner.compile_block
+compiles it. Prints, per budget, the bytes the forward saves (parameters left out) and the matrix products its
+backward runs. Attention here is CPU sdpa, not the GPU's varlen flash kernel.
+
+  HF_HUB_OFFLINE=1 .venv/bin/python scripts/block_saved_bytes.py [TOKENS] [BUDGET ...]   (default 2048 1.0 0.5)
+"""
+
+import sys
+
+import torch
+import torch._dynamo
+import torch._functorch.config
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qlora_recipes.runner import compile_block, decoder_blocks
+
+
+def step(model, ids, params) -> tuple[int, int]:
+    """One forward and backward: the bytes the forward saved for the backward, and the backward's matrix products."""
+    saved: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(input_ids=ids, labels=ids).loss
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        loss.backward()
+    model.zero_grad()
+    return sum(saved.values()), sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+
+
+def main(tokens: int, budgets: list[float]) -> None:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+        num_hidden_layers=1, vocab_size=512, max_position_embeddings=4096,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.1, target_modules="all-linear", task_type="CAUSAL_LM")
+    model = get_peft_model(model, lora)
+    for param in model.parameters():  # TRL 1.16 casts a quantized model's trainable weights to bf16 on a GPU
+        param.data = param.data.to(torch.bfloat16)
+    model.enable_input_require_grads()
+    model.train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    ids = torch.randint(0, 512, (1, tokens))
+    (block,) = decoder_blocks(model)
+    compile_block(block)
+    print(f"one 7B-shaped block, {tokens} tokens, bf16, LoRA r8 dropout 0.1, torch {torch.__version__}")
+    for budget in budgets:
+        torch._functorch.config.activation_memory_budget = budget
+        torch._dynamo.reset()
+        step(model, ids, params)  # compiles
+        saved, matmuls = step(model, ids, params)
+        print(f"budget {budget}: forward keeps {saved / 2**20:,.0f} MiB; backward runs {matmuls} matmuls")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 2048, [float(b) for b in sys.argv[2:]] or [1.0, 0.5])
