@@ -401,6 +401,13 @@ def validate(resolved: Resolved) -> None:
         "the compiler chooses). Set a value in (0, 1] with trainer.torch_compile=true, or 1.0",
     )
     need(
+        t.activation_memory_budget == 1 or not lora.enabled or lora.dropout == 0,
+        f"trainer.activation_memory_budget={t.activation_memory_budget} with lora.dropout={lora.dropout}: below 1, "
+        "torch's partitioner may recompute the dropout in the backward with fresh random numbers, and the gradients "
+        "are then silently wrong (pytorch#190758, open; tests/test_tune_blocks.py). Set lora.dropout=0 or "
+        "trainer.activation_memory_budget=1.0",
+    )
+    need(
         not (t.torch_compile and fsdp1),
         "trainer.torch_compile=true with dist=fsdp (v1): compiling a block means tracing into FSDP v1's separate "
         "units for every LoRA matrix inside it. Use dist.fsdp_version=2, dist=ddp or dist=zero3, or set "

@@ -297,9 +297,10 @@ class TrainerConfig:
     # kernels and far less Python per step; the first steps compile (~2 min on a 7B shape, docs/performance.md)
     torch_compile: bool = False
     # With torch_compile: the share of a compiled block's activations its compiled backward may keep (torch's
-    # activation_memory_budget; 1.0 = torch's default). Lower values recompute more in the backward: at 0.5 a
-    # 7B-shaped block recomputes its LoRA dropout and no matmul, and keeps 203 of 428 MiB at 2,048 tokens (CPU:
-    # scripts/block_saved_bytes.py; on a GPU not yet measured)
+    # activation_memory_budget; 1.0 = torch's default). Lower values recompute more in the backward. Only with
+    # lora.dropout=0: below 1 torch may redraw dropout masks in the backward (pytorch#190758; on a 7B-shaped block at
+    # 0.3 the LoRA gradients were 43% off, scripts/block_saved_bytes.py). On an H200 at 0.5 (with dropout, before
+    # that rule) off4 ran 0.87x and used more memory, not less (docs/gpu.md, nineteenth session)
     activation_memory_budget: float = 1.0
     # PyTorch's expandable-segments CUDA allocator: segments grow in place instead of new blocks being cut for
     # each size, so reserved memory stays near allocated (less fragmentation under changing packed lengths)

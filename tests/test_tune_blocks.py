@@ -105,41 +105,59 @@ def backward_matmuls(model, length=50):
     return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
 
 
-def test_a_lower_activation_memory_budget_recomputes_the_dropout_not_the_matmuls(
-    recipe_of, tiny_checkpoint, monkeypatch
-):
-    """trainer.activation_memory_budget=0.5 on compiled blocks (with grad, as the checkpoint's recompute runs them):
-    the forward keeps far fewer bytes for the backward (the LoRA dropout's inputs and masks),
-    the backward runs no more matrix products (no projection is recomputed), and the gradients are those at torch's
-    default budget. A budget of 0.2, for contrast, does recompute projections."""
+def budget_step(recipe_of, tiny_checkpoint, dropout, budget, set_directly=False):
+    """The tiny compiled model's saved bytes, backward matrix products and gradients (seed 1) at a partitioner budget:
+    the recipe's (through tune_blocks), or set on torch after it (a value validation refuses)."""
+    recipe, model = tiny_model(
+        recipe_of,
+        tiny_checkpoint,
+        "quant=none",
+        f"lora.dropout={dropout}",
+        "trainer.torch_compile=true",
+        f"trainer.activation_memory_budget={1.0 if set_directly else budget}",
+    )
+    as_trained(model)
+    torch._dynamo.reset()
+    tune_blocks(model, recipe)
+    if set_directly:
+        torch._functorch.config.activation_memory_budget = budget
+    assert torch._functorch.config.activation_memory_budget == budget
+    loss_and_grads(model)  # compiles
+    torch.manual_seed(1)
+    _, grads = loss_and_grads(model)
+    return saved_bytes(model), backward_matmuls(model), grads
+
+
+def test_a_lower_activation_memory_budget_keeps_less_and_recomputes_more(recipe_of, tiny_checkpoint):
+    """trainer.activation_memory_budget=0.5 on compiled blocks without dropout (with grad, as the checkpoint's
+    recompute runs them): the forward keeps far fewer bytes for the backward, the backward recomputes matrix
+    products, and the gradients are those at torch's default budget."""
     import torch._functorch.config
 
-    monkeypatch.setattr(torch._functorch.config, "activation_memory_budget", 1.0)  # put back after the test
-    measured = {}
-    for budget in (1.0, 0.5, 0.2):
-        recipe, model = tiny_model(
-            recipe_of,
-            tiny_checkpoint,
-            "quant=none",
-            "lora.dropout=0.1",
-            "trainer.torch_compile=true",
-            f"trainer.activation_memory_budget={budget}",
-        )
-        as_trained(model)
-        torch._dynamo.reset()
-        tune_blocks(model, recipe)
-        assert torch._functorch.config.activation_memory_budget == budget
-        loss_and_grads(model)  # compiles
-        torch.manual_seed(1)
-        _, grads = loss_and_grads(model)
-        measured[budget] = saved_bytes(model), backward_matmuls(model), grads
-    (full, full_mm, full_grads), (half, half_mm, half_grads) = measured[1.0], measured[0.5]
+    with torch._functorch.config.patch(activation_memory_budget=1.0):  # torch's setting put back afterwards
+        full, full_mm, full_grads = budget_step(recipe_of, tiny_checkpoint, 0, 1.0)
+        half, half_mm, half_grads = budget_step(recipe_of, tiny_checkpoint, 0, 0.5)
     assert half < 0.7 * full
-    assert half_mm == full_mm > 0
-    assert measured[0.2][1] > full_mm
+    assert half_mm > full_mm > 0
     assert half_grads.keys() == full_grads.keys() and len(full_grads) == 28
     for name, grad in half_grads.items():
         torch.testing.assert_close(grad, full_grads[name], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.xfail(strict=True, reason="pytorch#190758: the partitioner redraws dropout masks in the backward")
+def test_a_budget_below_one_keeps_the_forwards_dropout_masks(recipe_of, tiny_checkpoint):
+    """Why validation refuses trainer.activation_memory_budget < 1 with LoRA dropout (pytorch#190758, #190717, open):
+    below 1 the partitioner may recompute the dropout in the backward, with fresh random numbers, and the gradients
+    are silently wrong. On this tiny model it shows at budget 0; on one 7B-shaped block at 0.3
+    (scripts/block_saved_bytes.py). Strict: once torch keeps the masks this passes, fails the suite, and the rule
+    can go."""
+    import torch._functorch.config
+
+    with torch._functorch.config.patch(activation_memory_budget=1.0):
+        _, _, full_grads = budget_step(recipe_of, tiny_checkpoint, 0.1, 1.0)
+        _, _, zero_grads = budget_step(recipe_of, tiny_checkpoint, 0.1, 0.0, set_directly=True)
+    for name, grad in zero_grads.items():
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-3, atol=1e-6)
 
 
 def test_tune_blocks_names_what_it_cannot_find(recipe_of):

@@ -40,6 +40,11 @@ GPU = Device(kind="cuda", count=1, bf16=True)
         (("+recipe=smollm2_dpo", "trainer.lazy_metrics=true"), None, "DPO and ORPO read theirs as TRL does"),
         (("trainer.activation_memory_budget=0.5",), None, "used with trainer.torch_compile=true"),
         (("trainer.activation_memory_budget=0", "trainer.torch_compile=true"), None, "Set a value in (0, 1]"),
+        (
+            ("lora.dropout=0.1", "trainer.activation_memory_budget=0.5", "trainer.torch_compile=true"),
+            None,
+            "pytorch#190758",
+        ),
         (("trainer.offload_checkpoints=true",), GPU, "trainer.gradient_checkpointing=false, trainer.use_reentrant"),
         (
             ("+recipe=llama2_chatml", "trainer.offload_checkpoints=true", "trainer.use_reentrant=false"),
