@@ -401,6 +401,16 @@ def validate(resolved: Resolved) -> None:
         "the compiler chooses). Set a value in (0, 1] with trainer.torch_compile=true, or 1.0",
     )
     need(
+        not lora.lean_dropout
+        or (lora.enabled and lora.dropout > 0 and not lora.use_dora and r.backend is Backend.hf)
+        and not plan.shards_parameters(r),
+        f"lora.lean_dropout=true folds each LoRA layer's dropout into its A projection; this run has lora.enabled="
+        f"{str(lora.enabled).lower()}, lora.dropout={lora.dropout}, lora.use_dora={str(lora.use_dora).lower()}, "
+        f"backend={r.backend.value}, dist={backend.value}. It needs LoRA with dropout > 0, no DoRA (DoRA reads the "
+        "dropped-out input itself), backend=hf and one whole model per GPU (dist=single or ddp). Set it false or "
+        "change those",
+    )
+    need(
         t.activation_memory_budget == 1 or not lora.enabled or lora.dropout == 0,
         f"trainer.activation_memory_budget={t.activation_memory_budget} with lora.dropout={lora.dropout}: below 1, "
         "torch's partitioner may recompute the dropout in the backward with fresh random numbers, and the gradients "

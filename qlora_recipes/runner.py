@@ -559,10 +559,17 @@ COMPILE_VARIANTS = 16  # recompile room per compiled block (see tune_blocks)
 
 
 def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
-    """Per-block speed settings, before accelerate wraps the model: `quant.compiled_dequant` routes the nf4 layers
+    """Per-block speed settings, before accelerate wraps the model: `lora.lean_dropout` folds each LoRA layer's
+    dropout into its A projection (lean_dropout.py), `quant.compiled_dequant` routes the nf4 layers
     through torch-op dequantization (dequant.py), `trainer.torch_compile` compiles each decoder
     block in place (the blocks share one compiled graph; parameter names stay as they are), and
     `dist.zero3_leaf_blocks` has ZeRO-3 fetch each block's parameters as one unit instead of hooking its submodules."""
+    if recipe.lora.lean_dropout:  # before compiling: the blocks trace the routed layers
+        from qlora_recipes import lean_dropout
+
+        log.info(
+            "lora.lean_dropout: %d LoRA layers keep their input, not a dropped-out copy", lean_dropout.install(model)
+        )
     if not (recipe.trainer.torch_compile or plan.zero3_leaf_blocks(recipe)):
         return
     blocks = decoder_blocks(model)

@@ -210,6 +210,10 @@ class LoraConfig:
     last_n_layers: Optional[int] = None  # adapters on the top N layers only: backward stops there
     train_new_tokens: bool = True  # train the embedding rows of tokens the template added
     modules_to_save: List[str] = field(default_factory=list)
+    # Each layer's dropout and A projection as one op that keeps its input (shared by q/k/v and by gate/up) and mask
+    # for the backward instead of the dropped-out copy (lean_dropout.py): less activation memory at the same
+    # arithmetic; other random draws than nn.Dropout's. Needs lora.dropout > 0, no DoRA, one model per GPU
+    lean_dropout: bool = False
 
 
 @dataclass

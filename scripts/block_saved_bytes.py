@@ -11,6 +11,7 @@ redraw dropout masks in the backward). Attention here is CPU sdpa, not the GPU's
 
   HF_HUB_OFFLINE=1 .venv/bin/python scripts/block_saved_bytes.py [TOKENS] [BUDGET ...]   (default 2048 1.0 0.5)
 
+LEAN=1 folds each LoRA layer's dropout into its A projection first (lora.lean_dropout, lean_dropout.py).
 DTYPE=float32 runs the block in float32 instead: bf16 rounding then no longer hides whether a budget's gradients
 differ by rounding (~1e-6 in float32) or by other dropout masks (~0.1 and more).
 """
@@ -24,6 +25,7 @@ import torch._functorch.config
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from qlora_recipes import lean_dropout
 from qlora_recipes.runner import compile_block, decoder_blocks
 
 
@@ -64,6 +66,8 @@ def main(tokens: int, budgets: list[float]) -> None:
         param.data = param.data.to(dtype)
         if "lora_B" in name:  # as after some training: with B = 0, A's gradients would be 0 whatever the masks
             param.data.normal_(0, 0.02)
+    if os.environ.get("LEAN"):
+        print(f"lora.lean_dropout: {lean_dropout.install(model)} layers fold their dropout")
     model.enable_input_require_grads()
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

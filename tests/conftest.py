@@ -148,3 +148,24 @@ def loss_and_grads(model, length=50):  # not 64, the hidden size: dynamo would e
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     return loss.detach(), grads
+
+
+def saved_bytes(model, length=50):
+    """Bytes of the tensors one training forward keeps for its backward, the parameters' own storage left out."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    ids = torch.arange(3, 3 + length).unsqueeze(0)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):  # the forward only: what it keeps
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad()
+    return sum(saved.values())

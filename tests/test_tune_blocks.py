@@ -4,7 +4,7 @@ import functools
 
 import pytest
 import torch
-from conftest import as_trained, loss_and_grads, tiny_model, train_checkpointed
+from conftest import as_trained, loss_and_grads, saved_bytes, tiny_model, train_checkpointed
 from torch._logging._internal import log_state
 
 from qlora_recipes.errors import RecipeError
@@ -40,25 +40,6 @@ def test_compiled_blocks_share_one_graph_and_train_like_eager(recipe_of, tiny_ch
     assert grads.keys() == eager_grads.keys() and len(grads) == 28
     for name, grad in grads.items():
         torch.testing.assert_close(grad, eager_grads[name], rtol=1e-4, atol=1e-5)
-
-
-def saved_bytes(model, length=50):
-    """Bytes of the tensors one training forward keeps for its backward, the parameters' own storage left out."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    ids = torch.arange(3, 3 + length).unsqueeze(0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):  # the forward only: what it keeps
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    model.zero_grad()
-    return sum(saved.values())
 
 
 @pytest.mark.parametrize("reentrant", [True, False])

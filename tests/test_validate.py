@@ -45,6 +45,14 @@ GPU = Device(kind="cuda", count=1, bf16=True)
             None,
             "pytorch#190758",
         ),
+        (("lora.lean_dropout=true", "lora.dropout=0"), None, "lora.lean_dropout=true folds"),
+        (("lora.lean_dropout=true", "lora.dropout=0.1", "lora.use_dora=true"), None, "lora.use_dora=true, backend"),
+        (("lora.lean_dropout=true", "lora=none"), None, "lora.enabled=false"),
+        (
+            ("lora.lean_dropout=true", "lora.dropout=0.1", "dist=zero3", "dist.num_processes=2"),
+            GPU,
+            "backend=hf, dist=zero3. It needs",
+        ),
         (("trainer.offload_checkpoints=true",), GPU, "trainer.gradient_checkpointing=false, trainer.use_reentrant"),
         (
             ("+recipe=llama2_chatml", "trainer.offload_checkpoints=true", "trainer.use_reentrant=false"),

@@ -1,0 +1,118 @@
+"""lora.lean_dropout: each LoRA layer's dropout folded into its A projection, keeping the input, not a copy."""
+
+import pytest
+import torch
+from conftest import as_trained, loss_and_grads, saved_bytes, tiny_model
+
+from qlora_recipes import lean_dropout
+from qlora_recipes.runner import tune_blocks
+
+
+def test_masked_linear_is_dropout_then_linear_with_its_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(2, 3, 5) >= 0.3
+    scale = 1 / 0.7
+    torch.testing.assert_close(lean_dropout.masked_linear(x, weight, mask, scale), (x * mask * scale) @ weight.t())
+    assert torch.autograd.gradcheck(lambda x, w: lean_dropout.masked_linear(x, w, mask, scale), (x, weight))
+
+
+def test_install_folds_each_dropout_and_changes_no_name_or_output(recipe_of, tiny_checkpoint):
+    _, model = tiny_model(recipe_of, tiny_checkpoint, "quant=none", "lora.dropout=0.1")
+    as_trained(model)
+    names = list(model.state_dict())
+    model.eval()
+    ids = torch.arange(3, 40).unsqueeze(0)
+    before = model(input_ids=ids).logits
+    assert lean_dropout.install(model) == 14  # 7 projections x 2 blocks
+    assert lean_dropout.install(model) == 14  # again: already folded, nothing changes
+    assert list(model.state_dict()) == names
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)  # eval: no dropout either way
+
+
+def test_lean_layers_compute_peft_s_loss_and_gradients_for_the_same_masks(recipe_of, tiny_checkpoint, monkeypatch):
+    """With the masks lean_dropout drew handed to PEFT's own layers in the same order, the loss and every gradient
+    are PEFT's: the same arithmetic, only the saved tensors differ."""
+    drawn = []
+    draw = lean_dropout.draw_mask
+    monkeypatch.setattr(lean_dropout, "draw_mask", lambda x, p: drawn.append(draw(x, p)) or drawn[-1])
+    _, lean = tiny_model(recipe_of, tiny_checkpoint, "quant=none", "lora.dropout=0.3")
+    as_trained(lean)
+    lean_dropout.install(lean)
+    loss, grads = loss_and_grads(lean)
+    assert len(drawn) == 14 and 0.6 < torch.cat([m.flatten() for m in drawn]).float().mean() < 0.8
+
+    class Replay(torch.nn.Module):  # nn.Dropout(0.3) with the recorded masks
+        def forward(self, x):
+            return x * drawn.pop(0) / 0.7
+
+    _, peft = tiny_model(recipe_of, tiny_checkpoint, "quant=none", "lora.dropout=0.3")
+    as_trained(peft)
+    peft.load_state_dict(lean.state_dict())
+    for module in peft.modules():
+        if hasattr(module, "lora_dropout"):
+            module.lora_dropout["default"] = Replay()
+    peft_loss, peft_grads = loss_and_grads(peft)
+    assert not drawn  # every mask used once
+    torch.testing.assert_close(loss, peft_loss)
+    assert grads.keys() == peft_grads.keys() and len(grads) == 28
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, peft_grads[name])
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_lean_dropout_keeps_less_and_a_checkpoint_recomputes_its_masks(recipe_of, tiny_checkpoint, compiled):
+    """Through tune_blocks, eager and compiled: the forward keeps fewer bytes than PEFT's dropout (no dropped-out
+    copies), and under reentrant checkpointing the recompute draws the forward's masks again: the gradients of the
+    run without checkpointing, same seed."""
+    compile_ = f"trainer.torch_compile={str(compiled).lower()}"
+    torch._dynamo.reset()
+    recipe, peft = tiny_model(recipe_of, tiny_checkpoint, "quant=none", "lora.dropout=0.1", compile_)
+    as_trained(peft)
+    tune_blocks(peft, recipe)
+    loss_and_grads(peft)  # compiles
+    peft_bytes = saved_bytes(peft)
+
+    torch._dynamo.reset()
+    recipe, lean = tiny_model(
+        recipe_of, tiny_checkpoint, "quant=none", "lora.dropout=0.1", compile_, "lora.lean_dropout=true"
+    )
+    as_trained(lean)
+    tune_blocks(lean, recipe)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in lean.modules())
+    loss_and_grads(lean)
+    lean_bytes = saved_bytes(lean)
+    assert lean_bytes < 0.85 * peft_bytes
+
+    torch.manual_seed(1)
+    _, whole = loss_and_grads(lean)
+    lean.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    torch.manual_seed(1)
+    _, checkpointed = loss_and_grads(lean)
+    assert checkpointed.keys() == whole.keys() and len(whole) == 28
+    for name, grad in checkpointed.items():
+        torch.testing.assert_close(grad, whole[name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_run_with_lean_dropout_trains_and_saves_an_adapter_peft_loads(train_run):
+    """Through the CLI on the 4-bit tiny model: the runner folds every layer's dropout, the run trains, and the saved
+    adapter (PEFT's own format: lora_A stays an nn.Linear by name and weight) reloads to the same logits."""
+    import json
+
+    from qlora_recipes import cli
+
+    run_dir, metrics = train_run(
+        "quant=nf4",
+        "lora.dropout=0.1",
+        "lora.lean_dropout=true",
+        "trainer.max_steps=6",
+        "trainer.logging_steps=1",
+        "trainer.task_eval_samples=0",
+    )
+    assert "lora.lean_dropout: 14 LoRA layers keep their input" in (run_dir / "run.log").read_text()
+    assert metrics["train"]["steps"] == 6
+    assert metrics["train"]["last_logged_loss"] < metrics["train"]["first_logged_loss"]
+    assert cli.main(["eval", str(run_dir), "samples=0"]) == 0
+    assert json.loads((run_dir / "eval.json").read_text())["reload_max_abs_logit_diff"] < 1e-4
