@@ -116,3 +116,49 @@ def test_a_run_with_lean_dropout_trains_and_saves_an_adapter_peft_loads(train_ru
     assert metrics["train"]["last_logged_loss"] < metrics["train"]["first_logged_loss"]
     assert cli.main(["eval", str(run_dir), "samples=0"]) == 0
     assert json.loads((run_dir / "eval.json").read_text())["reload_max_abs_logit_diff"] < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_masked_linear_on_cuda_is_dropout_then_linear(device="cuda"):
+    """On CUDA in bf16, compiled: the op is the dropout with its mask then the linear layer, gradients included, and
+    it keeps no dropped-out copy (one 4,096-wide input read by three projections, as q/k/v are)."""
+    torch.manual_seed(0)
+    weights = [torch.randn(8, 4096, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    x = torch.randn(2048, 4096, device=device, dtype=torch.bfloat16, requires_grad=True)
+    masks = [lean_dropout.draw_mask(x, 0.1) for _ in weights]
+
+    def loss_of(x, masks):
+        return sum(
+            lean_dropout.masked_linear(x, w, m, 1 / 0.9).float().square().sum()
+            for w, m in zip(weights, masks, strict=True)
+        )
+
+    step = torch.compile(loss_of)
+    step(x, masks).backward()  # compiles
+    x.grad = None
+    for w in weights:
+        w.grad = None
+    ptrs = {w.untyped_storage().data_ptr() for w in weights}
+    saved = {}  # storage -> bytes, the weights left out
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in ptrs:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = step(x, masks)
+    loss.backward()
+    grads = [x.grad.clone(), *(w.grad.clone() for w in weights)]
+    x.grad = None
+    for w in weights:
+        w.grad = None
+    reference = sum(
+        torch.nn.functional.linear(x * m / 0.9, w).float().square().sum() for w, m in zip(weights, masks, strict=True)
+    )
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-2, atol=0)
+    for got, want in zip(grads, [x.grad, *(w.grad for w in weights)], strict=True):  # bf16: summed in other orders
+        assert (got.float() - want.float()).norm() < 1e-2 * want.float().norm()
+    assert sum(saved.values()) < 3 * x.nbytes  # x once and three bool masks: 2.5x; with bf16 copies besides: 5.5x
