@@ -402,8 +402,13 @@ def validate(resolved: Resolved) -> None:
     )
     need(
         not lora.lean_dropout
-        or (lora.enabled and lora.dropout > 0 and not lora.use_dora and r.backend is Backend.hf)
-        and not plan.shards_parameters(r),
+        or (
+            lora.enabled
+            and lora.dropout > 0
+            and not lora.use_dora
+            and r.backend is Backend.hf
+            and not plan.shards_parameters(r)
+        ),
         f"lora.lean_dropout=true folds each LoRA layer's dropout into its A projection; this run has lora.enabled="
         f"{str(lora.enabled).lower()}, lora.dropout={lora.dropout}, lora.use_dora={str(lora.use_dora).lower()}, "
         f"backend={r.backend.value}, dist={backend.value}. It needs LoRA with dropout > 0, no DoRA (DoRA reads the "
