@@ -8,6 +8,9 @@
   the trace also records Python calls: `idle_by_python_function` then says, for each Python function, how much of
   the idle time it was running through (its callers included), and each of the largest gaps names the innermost
   Python function running through it (the line of a library's code the GPU waits on).
+- memory_peak.json (CUDA): the traced steps' peak of allocated memory and what was live at it, grouped by the line
+  that allocated it (`memory_at_peak`); memory_snapshot.pickle is the allocator's full record of the same steps,
+  for https://pytorch.org/memory_viz.
 The traced steps run slower (the profiler's own host cost); bench leaves them out of its figures.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,9 @@ from typing import Any
 log = logging.getLogger("qlora_recipes")
 
 NO_HOST_OP = "(no host op traced)"  # Python between traced ops, or a thread the profiler does not see
+NO_FRAME = "(no Python frame: a C++ caller, e.g. autograd's backward of a built-in op)"
+OWNERS = ("qlora_recipes", "peft", "transformers", "trl", "accelerate", "bitsandbytes", "liger_kernel")
+MEMORY_TRACE_ENTRIES = 2_000_000  # allocator events kept for memory_peak.json (a 7B step makes ~10^5)
 
 
 @dataclass(frozen=True)
@@ -49,6 +56,7 @@ class StepProfiler:
 
     def __init__(self, steps: list[int], out: Path, python: bool = False) -> None:
         self.steps, self.out, self.python, self.profiler = sorted(steps), out, python, None
+        self.before = 0  # bytes allocated when the first traced step began
 
     def callback(self) -> Any:
         import torch
@@ -66,10 +74,18 @@ class StepProfiler:
                         activities=activities, record_shapes=False, with_stack=prof.python
                     )
                     prof.profiler.__enter__()
+                    if torch.cuda.is_available():
+                        prof.before = torch.cuda.memory_allocated()
+                        torch.cuda.memory._record_memory_history(
+                            context="alloc", stacks="python", max_entries=MEMORY_TRACE_ENTRIES, clear_history=True
+                        )
 
             def on_step_end(self, args, state, control, **kwargs):
                 if prof.profiler is not None and state.global_step == prof.steps[-1]:
                     prof.profiler.__exit__(None, None, None)
+                    if torch.cuda.is_available():
+                        prof.write_memory(torch.cuda.memory._snapshot(), torch.cuda.memory_allocated())
+                        torch.cuda.memory._record_memory_history(enabled=None)
                     prof.write(prof.profiler)
                     prof.profiler = None
 
@@ -90,6 +106,85 @@ class StepProfiler:
         (self.out / "idle.json").write_text(json.dumps(idle_report(kernels, host), indent=2))
         log.info("profiled steps: %s", json.dumps(busy))
         log.info("profile of steps %s written to %s", self.steps, self.out)
+
+    def write_memory(self, snapshot: dict[str, Any], allocated: int) -> None:
+        """memory_snapshot.pickle and memory_peak.json from the allocator's record of the traced steps."""
+        import torch
+
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "memory_snapshot.pickle", "wb") as f:
+            pickle.dump(snapshot, f)
+        report = memory_at_peak(snapshot["device_traces"][torch.cuda.current_device()], self.before)
+        report["allocated_end_gib"] = round(allocated / 2**30, 3)  # torch's own count: the replay should match it
+        (self.out / "memory_peak.json").write_text(json.dumps(report, indent=2))
+        log.info("traced peak %.2f GiB allocated, at %s", report["peak_gib"], report["peak_at"])
+
+
+def frame_site(frame: dict[str, Any]) -> str:
+    """A traceback frame as `path:line function`, the path from its package (or its file name, for generated
+    code such as a compiled graph's)."""
+    path = frame["filename"].replace("\\", "/")
+    parts = path.split("/")
+    start = max((i for i, part in enumerate(parts) if part in (*OWNERS, "torch")), default=len(parts) - 1)
+    return f"{'/'.join(parts[start:])}:{frame['line']} {frame['name']}"
+
+
+def allocation_site(frames: list[dict[str, Any]]) -> str:
+    """Where an allocation was made, from its Python traceback (innermost frame first): the innermost frame outside
+    torch's own code (a line of ours, of a library, or of a compiled graph), and, when that is not one of OWNERS'
+    packages, the innermost frame that is, after an arrow (the compiled graph of which of our or a library's calls).
+    NO_FRAME when no Python frame is known."""
+    sites = [frame_site(f) for f in frames]
+    outside = [s for s in sites if not s.startswith("torch/")]
+    if not outside:
+        return sites[0] if sites else NO_FRAME
+    owner = next((s for s in outside if s.split("/")[0] in OWNERS), None)
+    return outside[0] if owner in (None, outside[0]) else f"{outside[0]} <- {owner}"
+
+
+def memory_at_peak(trace: list[dict[str, Any]], before: int, top: int = 25) -> dict[str, Any]:
+    """The peak of allocated memory over a CUDA caching allocator trace and what was live at it. `trace` is
+    torch.cuda.memory._snapshot()["device_traces"][device], recorded from a moment when `before` bytes were
+    allocated already (weights, optimizer states, the last step's leftovers). An `alloc` adds its size, a
+    `free_completed` takes it back (the allocator's own count; `free_requested` only marks a block that other
+    streams still use). A freed block the trace never saw allocated was part of `before`. The allocations live at
+    the peak are grouped by `allocation_site`, largest first."""
+    total = peak = before
+    peak_index = -1
+    for i, entry in enumerate(trace):
+        if entry["action"] == "alloc":
+            total += entry["size"]
+            if total > peak:
+                peak, peak_index = total, i
+        elif entry["action"] == "free_completed":
+            total -= entry["size"]
+    live: dict[int, dict[str, Any]] = {}
+    untraced = before
+    for entry in trace[: peak_index + 1]:
+        if entry["action"] == "alloc":
+            live[entry["addr"]] = entry
+        elif entry["action"] == "free_completed" and live.pop(entry["addr"], None) is None:
+            untraced -= entry["size"]
+    groups: dict[str, list[int]] = {}
+    for entry in live.values():
+        group = groups.setdefault(allocation_site(entry.get("frames", [])), [0, 0])
+        group[0] += entry["size"]
+        group[1] += 1
+    ranked = sorted(groups.items(), key=lambda item: -item[1][0])
+    at_peak = trace[peak_index] if peak_index >= 0 else None
+    return {
+        "before_gib": round(before / 2**30, 3),
+        "peak_gib": round(peak / 2**30, 3),
+        "peak_at": allocation_site(at_peak.get("frames", [])) if at_peak else "(before the traced steps)",
+        "peak_stack": [frame_site(f) for f in at_peak.get("frames", [])][:30] if at_peak else [],
+        "untraced_live_at_peak_gib": round(untraced / 2**30, 3),  # of `before`, still allocated at the peak
+        "live_at_peak": [
+            {"where": where, "gib": round(size / 2**30, 3), "allocations": n} for where, (size, n) in ranked[:top]
+        ],
+        "others_gib": round(sum(size for _, (size, _) in ranked[top:]) / 2**30, 3),
+        "replayed_end_gib": round(total / 2**30, 3),
+        "trace_entries": len(trace),
+    }
 
 
 def traced_events(events: Any) -> tuple[list[Kernel], list[HostOp]]:

@@ -23,7 +23,7 @@ while IFS= read -r line; do
   run=$dir/$name
   { echo "### $line"; cat "$dir/bench.md" 2>/dev/null
     python3 -c "import json,sys;[print(s) for s in json.load(open(sys.argv[1]))['train']['step_times']]" "$run/metrics.json" 2>/dev/null
-    for f in "$run"/profile/gpu_busy.json "$run"/profile/idle.json "$run"/profile/ops_by_cuda.txt "$run"/profile/ops_by_cpu.txt; do [ -f "$f" ] && { echo "#### $f"; cut -c1-220 "$f"; }; done
+    for f in "$run"/profile/gpu_busy.json "$run"/profile/idle.json "$run"/profile/memory_peak.json "$run"/profile/ops_by_cuda.txt "$run"/profile/ops_by_cpu.txt; do [ -f "$f" ] && { echo "#### $f"; cut -c1-220 "$f"; }; done
     for f in "/tmp/$name.log" "$run"/run*.log "$run/bench.log"; do [ -f "$f" ] && { echo "#### $f"; grep -v "it/s\]" "$f" | tail -25 | cut -c1-400; }; done
   } > "$OUT/$name.txt"
 done <<< "${VARIANTS:-plain}"

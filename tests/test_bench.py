@@ -165,6 +165,7 @@ def test_bench_runs_each_variant_and_writes_the_table(tmp_path, capsys):
         busy = json.loads((out / result["name"] / "profile" / "gpu_busy.json").read_text())
         assert busy["wall_ms"] > 0 and busy["kernels"] == 0 and busy["gpu_busy_fraction"] is None  # CPU: no kernels
         assert json.loads((out / result["name"] / "profile" / "idle.json").read_text()) == {"idle_ms": None, "gaps": 0}
+        assert not (out / result["name"] / "profile" / "memory_peak.json").exists()  # CUDA's allocator only
         assert not (out / result["name"] / "adapter").exists()  # bench saves nothing
     recipe = (out / "r4" / "recipe.yaml").read_text()
     assert "r: 4" in recipe and "name_or_path: " + str(bench.checkpoint(BenchShape.tiny)) in recipe
@@ -174,6 +175,60 @@ def test_bench_runs_each_variant_and_writes_the_table(tmp_path, capsys):
     assert "| 0.00% | `(recipe)` |" in table  # the baseline against itself
     assert "tokens/s per GPU" in capsys.readouterr().out
     assert cli.main(args) == 2  # an existing bench dir is never overwritten
+
+
+def frame(path, line, name):
+    return {"filename": path, "line": line, "name": name}
+
+
+TORCH_FRAME = frame("/v/lib/python3.12/site-packages/torch/utils/checkpoint.py", 10, "recompute_fn")
+OUR_FRAME = frame("/w/qlora_recipes/runner.py", 5, "forward")
+GRAPH_FRAME = frame("/tmp/torchinductor_u/ab/cabc.py", 7, "call")
+PEFT_FRAME = frame("/v/lib/python3.12/site-packages/peft/tuners/lora/layer.py", 3, "forward")
+
+
+@pytest.mark.parametrize(
+    ("frames", "site"),
+    [
+        ([TORCH_FRAME, OUR_FRAME, PEFT_FRAME], "qlora_recipes/runner.py:5 forward"),  # torch's own frames skipped
+        ([GRAPH_FRAME, TORCH_FRAME, PEFT_FRAME, OUR_FRAME], "cabc.py:7 call <- peft/tuners/lora/layer.py:3 forward"),
+        ([GRAPH_FRAME], "cabc.py:7 call"),
+        ([TORCH_FRAME], "torch/utils/checkpoint.py:10 recompute_fn"),
+        ([], profiling.NO_FRAME),
+    ],
+)
+def test_allocation_site_names_the_innermost_frame_outside_torch(frames, site):
+    assert profiling.allocation_site(frames) == site
+
+
+def test_memory_at_peak_replays_the_allocator_trace():
+    unit = 2**27  # 1/8 GiB
+
+    def event(action, addr, units, *frames):
+        return {"action": action, "addr": addr, "size": units * unit, "frames": list(frames)}
+
+    trace = [
+        event("alloc", 1, 4, TORCH_FRAME, OUR_FRAME),
+        event("alloc", 2, 2, GRAPH_FRAME, PEFT_FRAME),
+        event("free_requested", 1, 4),  # still in use on another stream: not freed yet
+        event("free_completed", 9, 1),  # allocated before the trace began
+        event("alloc", 3, 8),
+        event("free_completed", 1, 4),
+        event("alloc", 4, 1, OUR_FRAME),
+    ]
+    report = profiling.memory_at_peak(trace, before=8 * unit)
+    assert report["peak_gib"] == (8 + 4 + 2 - 1 + 8) / 8
+    assert report["peak_at"] == profiling.NO_FRAME and report["peak_stack"] == []
+    assert report["untraced_live_at_peak_gib"] == 7 / 8
+    assert report["live_at_peak"] == [
+        {"where": profiling.NO_FRAME, "gib": 1.0, "allocations": 1},
+        {"where": "qlora_recipes/runner.py:5 forward", "gib": 0.5, "allocations": 1},
+        {"where": "cabc.py:7 call <- peft/tuners/lora/layer.py:3 forward", "gib": 0.25, "allocations": 1},
+    ]
+    assert report["replayed_end_gib"] == (8 + 4 + 2 - 1 + 8 - 4 + 1) / 8 and report["trace_entries"] == 7
+    assert profiling.memory_at_peak([event("free_completed", 9, 1)], before=8 * unit)["peak_at"] == (
+        "(before the traced steps)"
+    )
 
 
 def test_gpu_busy_is_the_union_of_kernel_spans_over_the_wall():

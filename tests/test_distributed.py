@@ -117,6 +117,22 @@ def test_lazy_metrics_under_ddp_log_what_trl_logs(tmp_path):
             assert lazy[key] == pytest.approx(eager[key], rel=1e-5), key
 
 
+def _leave_without_teardown() -> None:
+    """The end of a gloo test process whose checks all passed: a barrier (neither rank leaves while the other is
+    still in a collective), then an exit that skips gloo's teardown. Under load that teardown can abort a process
+    after its work is done ("terminate called without an active exception", SIGABRT: a fresh-clone CI run of
+    1157273 lost a passing test to it, with a barrier before destroy_process_group already in place)."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def _clip_both_ways(rank: int, world: int, rendezvous: str) -> None:
     """One gloo process: FSDP2 over a toy model with uneven shards and per-process data; the local-shard clipping
     (through the wrapped Accelerator.clip_grad_norm_) and torch's own over the DTensors give the same norm and the
@@ -163,8 +179,7 @@ def _clip_both_ways(rank: int, world: int, rendezvous: str) -> None:
     plain = torch.nn.Parameter(torch.ones(2))
     plain.grad = torch.ones(2)
     assert fsdp2_grad_shards([plain]) is None  # not FSDP2's: accelerate's clipping
-    dist.barrier()  # neither rank tears gloo down while the other is still in a collective (SIGABRT under load)
-    dist.destroy_process_group()
+    _leave_without_teardown()
 
 
 def test_fsdp2_clipping_from_local_shards_matches_torchs(tmp_path):
@@ -202,8 +217,7 @@ def _accumulate_both_ways(rank: int, world: int, rendezvous: str) -> None:
             grads[sync_each] = [p.grad.full_tensor().float() for p in model.parameters()]
         for each, once in zip(grads[True], grads[False], strict=True):
             assert each.abs().sum() > 0 and torch.allclose(each, once, rtol=1e-2, atol=1e-3), (reduce_dtype, each, once)
-    dist.barrier()  # as in _clip_both_ways
-    dist.destroy_process_group()
+    _leave_without_teardown()
 
 
 def test_fsdp2_gradients_reduced_each_micro_batch_equal_the_accumulated_ones(tmp_path):

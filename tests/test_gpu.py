@@ -166,3 +166,20 @@ def test_offloaded_checkpoints_train_like_kept_ones(tmp_path, monkeypatch):
     assert len(made) == 1 and made[0].stored == made[0].fetched >= 8 * 2  # 2 blocks, every micro-batch
     assert len(curves[True]) == 8
     assert curves[True] == pytest.approx(curves[False], rel=1e-4)
+
+
+def test_traced_step_names_what_is_live_at_its_memory_peak(train_run):
+    """trainer.profile_steps on CUDA: memory_peak.json replays the allocator's record of the traced step, and the
+    replay agrees with torch's own counts (its end with memory_allocated, its peak within the run's peak)."""
+    import json
+
+    from qlora_recipes import profiling
+
+    run_dir, metrics = train_run("trainer.max_steps=3", "trainer.profile_steps=[2]")
+    report = json.loads((run_dir / "profile" / "memory_peak.json").read_text())
+    assert (run_dir / "profile" / "memory_snapshot.pickle").stat().st_size > 0
+    assert report["trace_entries"] > 0 and report["live_at_peak"]
+    assert abs(report["replayed_end_gib"] - report["allocated_end_gib"]) <= 0.002
+    assert report["before_gib"] <= report["peak_gib"] <= metrics["memory"]["peak_allocated_gib"] + 0.002
+    assert report["untraced_live_at_peak_gib"] <= report["before_gib"]
+    assert any(row["where"] != profiling.NO_FRAME for row in report["live_at_peak"])
