@@ -338,7 +338,9 @@ class TrainerConfig:
     dpo_loss: DPOLoss = DPOLoss.sigmoid  # DPO only
     max_prompt_len: Optional[int] = None  # pairs with a longer prompt (tokens) are dropped; None = no limit
     max_completion_len: Optional[int] = None  # pairs with a longer chosen/rejected answer are dropped
-    profile_steps: List[int] = field(default_factory=list)  # optimizer steps traced by torch.profiler (rank 0)
+    # optimizer steps traced by torch.profiler (rank 0) into RUN_DIR/profile/: where the time goes and, on CUDA, what is
+    # live at the steps' memory peak (memory_peak.json; profiling.py)
+    profile_steps: List[int] = field(default_factory=list)
     # the traced steps also record Python calls (torch.profiler's with_stack; slower still): profile/idle.json then
     # names the Python function the GPU waits on in each of the largest gaps
     profile_python: bool = False
