@@ -345,6 +345,12 @@ def validate(resolved: Resolved) -> None:
             "trainer.liger=true but the liger-kernel package is not installed: pip install liger-kernel, or set "
             "trainer.liger=false",
         )
+        need(
+            not t.torch_compile,
+            "trainer.liger=true with trainer.torch_compile=true: compiling the decoder blocks fails in Liger's RMSNorm "
+            "autograd function (a dynamo AssertionError with torch 2.11 and liger-kernel 0.8.5 on an H200, docs/gpu.md "
+            "twentieth session; Liger-Kernel#174). Use one of the two",
+        )
     need(
         not (t.lazy_metrics and t.kind.on_pairs),
         f"trainer.lazy_metrics=true with trainer.kind={t.kind.value}: it changes how the SFT trainer reads its "
