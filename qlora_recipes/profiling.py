@@ -28,7 +28,7 @@ log = logging.getLogger("qlora_recipes")
 NO_HOST_OP = "(no host op traced)"  # Python between traced ops, or a thread the profiler does not see
 NO_FRAME = "(no Python frame: a C++ caller, e.g. autograd's backward of a built-in op)"
 OWNERS = ("qlora_recipes", "peft", "transformers", "trl", "accelerate", "bitsandbytes", "liger_kernel")
-MEMORY_TRACE_ENTRIES = 2_000_000  # allocator events kept for memory_peak.json (a 7B step makes ~10^5)
+MEMORY_TRACE_ENTRIES = 2_000_000  # allocator events kept for memory_peak.json (a 7B step: 18,243-156,585, call BC)
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,9 @@ class StepProfiler:
                 if prof.profiler is not None and state.global_step == prof.steps[-1]:
                     prof.profiler.__exit__(None, None, None)
                     if torch.cuda.is_available():
-                        prof.write_memory(torch.cuda.memory._snapshot(), torch.cuda.memory_allocated())
-                        torch.cuda.memory._record_memory_history(enabled=None)
+                        snapshot, allocated = torch.cuda.memory._snapshot(), torch.cuda.memory_allocated()
+                        torch.cuda.memory._record_memory_history(enabled=None)  # off before anything can fail
+                        prof.write_memory(snapshot, allocated)
                     prof.write(prof.profiler)
                     prof.profiler = None
 
@@ -114,7 +115,12 @@ class StepProfiler:
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "memory_snapshot.pickle", "wb") as f:
             pickle.dump(snapshot, f)
-        report = memory_at_peak(snapshot["device_traces"][torch.cuda.current_device()], self.before)
+        trace = snapshot["device_traces"][torch.cuda.current_device()]
+        if len(trace) >= MEMORY_TRACE_ENTRIES:
+            log.warning(
+                "the allocator kept only its last %d events: memory_peak.json misses the step's start", len(trace)
+            )
+        report = memory_at_peak(trace, self.before)
         report["allocated_end_gib"] = round(allocated / 2**30, 3)  # torch's own count: the replay should match it
         (self.out / "memory_peak.json").write_text(json.dumps(report, indent=2))
         log.info("traced peak %.2f GiB allocated, at %s", report["peak_gib"], report["peak_at"])

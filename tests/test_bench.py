@@ -330,3 +330,17 @@ def test_traced_events_keep_the_nesting_of_host_ops():
     kernels, host = profiling.traced_events(prof.events())
     depth = {op.name: op.depth for op in host}
     assert kernels == [] and depth["outer"] == 0 and depth["aten::mm"] >= 1
+
+
+def test_memory_report_is_written_from_the_allocators_snapshot(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    prof = profiling.StepProfiler([2], tmp_path / "profile")
+    prof.before = 2**30
+    trace = [{"action": "alloc", "addr": 1, "size": 2**29, "frames": [OUR_FRAME]}]
+    prof.write_memory({"device_traces": [trace], "segments": []}, allocated=2**30 + 2**29)
+    report = json.loads((tmp_path / "profile" / "memory_peak.json").read_text())
+    assert report["peak_gib"] == 1.5 == report["replayed_end_gib"] == report["allocated_end_gib"]
+    assert report["live_at_peak"] == [{"where": "qlora_recipes/runner.py:5 forward", "gib": 0.5, "allocations": 1}]
+    assert (tmp_path / "profile" / "memory_snapshot.pickle").stat().st_size > 0
