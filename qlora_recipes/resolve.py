@@ -450,6 +450,14 @@ def validate(resolved: Resolved) -> None:
         "trainer.torch_compile rejects) and one whole model per GPU (dist=single or ddp, not sharded). Set it false or "
         "change those",
     )
+    need(
+        not t.checkpoint_sublayers
+        or (t.gradient_checkpointing and r.backend is Backend.hf and not plan.shards_parameters(r)),
+        "trainer.checkpoint_sublayers=true checkpoints each decoder block as attention, then MLP; this run has "
+        f"trainer.gradient_checkpointing={str(t.gradient_checkpointing).lower()}, backend={r.backend.value}, "
+        f"dist={backend.value}. It needs gradient checkpointing, backend=hf (Unsloth checkpoints its own way) and one "
+        "whole model per GPU (dist=single or ddp: not yet run with sharded blocks). Set it false or change those",
+    )
     if t.offload_checkpoints:
         need(
             t.gradient_checkpointing and t.use_reentrant,

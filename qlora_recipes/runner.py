@@ -562,7 +562,8 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
     """Per-block speed settings, before accelerate wraps the model: `lora.lean_dropout` folds each LoRA layer's
     dropout into its A projection (lean_dropout.py), `quant.compiled_dequant` routes the nf4 layers
     through torch-op dequantization (dequant.py), `trainer.torch_compile` compiles each decoder
-    block in place (the blocks share one compiled graph; parameter names stay as they are), and
+    block in place (the blocks share one compiled graph; parameter names stay as they are),
+    `trainer.checkpoint_sublayers` checkpoints (and compiles) each block as attention, then MLP, and
     `dist.zero3_leaf_blocks` has ZeRO-3 fetch each block's parameters as one unit instead of hooking its submodules."""
     if recipe.lora.lean_dropout:  # before compiling: the blocks trace the routed layers
         from qlora_recipes import lean_dropout
@@ -570,13 +571,14 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
         log.info(
             "lora.lean_dropout: %d LoRA layers keep their input, not a dropped-out copy", lean_dropout.install(model)
         )
-    if not (recipe.trainer.torch_compile or plan.zero3_leaf_blocks(recipe)):
+    sublayers = recipe.trainer.checkpoint_sublayers
+    if not (recipe.trainer.torch_compile or plan.zero3_leaf_blocks(recipe) or sublayers):
         return
     blocks = decoder_blocks(model)
     if not blocks:
         raise RecipeError(
-            f"{type(model).__name__} names no decoder block class (_no_split_modules): trainer.torch_compile and "
-            "dist.zero3_leaf_blocks need one. Set them false"
+            f"{type(model).__name__} names no decoder block class (_no_split_modules): trainer.torch_compile, "
+            "trainer.checkpoint_sublayers and dist.zero3_leaf_blocks need one. Set them false"
         )
     if recipe.quant.compiled_dequant:  # before compiling: the blocks trace the routed layers
         from qlora_recipes import dequant
@@ -597,13 +599,19 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
         # fall back to eager for the rest of the run.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILE_VARIANTS)
         torch._logging.set_logs(recompiles=True)  # each recompile (a step that stalls for seconds) says why, on stderr
-        for block in blocks:
+    for block in blocks:
+        if sublayers:
+            checkpoint_sublayers(block, compile=recipe.trainer.torch_compile)
+        elif recipe.trainer.torch_compile:
             compile_block(block)
+    if recipe.trainer.torch_compile:
         log.info(
             "torch.compile: %d %s blocks; the first steps compile them (about 2 min on a 7B shape on one H200)",
             len(blocks),
             type(blocks[0]).__name__,
         )
+    if sublayers:
+        log.info("trainer.checkpoint_sublayers: %d blocks checkpointed as attention, then MLP", len(blocks))
     if plan.zero3_leaf_blocks(recipe):
         from deepspeed.utils import set_z3_leaf_modules
 
@@ -641,6 +649,58 @@ def compile_block(block: Any) -> None:
         return compiled(*args, **kwargs)
 
     block.forward = checkpointed
+
+
+# Decoder layers whose forward is Llama's two pre-norm residual sublayers, attention then MLP (transformers 5.23;
+# tests/test_tune_blocks.py checks each split against the class's own forward)
+SUBLAYER_BLOCKS = frozenset(
+    {
+        "LlamaDecoderLayer",
+        "MistralDecoderLayer",
+        "Qwen2DecoderLayer",
+        "Qwen3DecoderLayer",
+        "GemmaDecoderLayer",
+        "SmolLM3DecoderLayer",
+    }
+)
+
+
+def attention_sublayer(block: Any, hidden_states: Any, **kwargs: Any) -> Any:
+    attended, _ = block.self_attn(hidden_states=block.input_layernorm(hidden_states), **kwargs)
+    return hidden_states + attended
+
+
+def mlp_sublayer(block: Any, hidden_states: Any) -> Any:
+    return hidden_states + block.mlp(block.post_attention_layernorm(hidden_states))
+
+
+def checkpoint_sublayers(block: Any, compile: bool) -> None:
+    """`trainer.checkpoint_sublayers`: a decoder block's forward run as its two residual sublayers, each checkpointed
+    on its own (and with `compile`, compiled: two graphs that every block shares), in place of transformers' one
+    checkpoint around the block. The work is the same (each sublayer is recomputed once); the backward holds one
+    sublayer's recompute at a time instead of the whole block's, for one more checkpointed input a block (the hidden
+    state between the two). The same arithmetic in the same order: the same loss, gradients and dropout masks."""
+    import torch
+
+    if type(block).__name__ not in SUBLAYER_BLOCKS:
+        raise RecipeError(
+            f"trainer.checkpoint_sublayers=true splits a decoder block into attention and MLP; {type(block).__name__} "
+            f"is not one it knows to be that pair (it knows {', '.join(sorted(SUBLAYER_BLOCKS))}). Set it false"
+        )
+    attention, mlp = attention_sublayer, mlp_sublayer
+    if compile:  # the block passed as an argument, not bound: every block then runs one graph (as compile_block)
+        attention, mlp = torch.compile(attention, dynamic=True), torch.compile(mlp, dynamic=True)
+
+    def forward(hidden_states: Any, **kwargs: Any) -> Any:
+        if not (block.gradient_checkpointing and block.training):
+            return mlp(block, attention(block, hidden_states, **kwargs))
+        # what transformers' checkpointed layers do: the recompute must not write a cache a second time
+        kwargs.update({key: None for key in ("past_key_values", "layer_past") if key in kwargs})
+        kwargs.update({"use_cache": False} if "use_cache" in kwargs else {})
+        hidden_states = block._gradient_checkpointing_func(functools.partial(attention, block, **kwargs), hidden_states)
+        return block._gradient_checkpointing_func(functools.partial(mlp, block), hidden_states)
+
+    block.forward = forward
 
 
 def after_wrapping(trainer: Any, recipe: RecipeConfig) -> None:

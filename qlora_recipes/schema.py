@@ -297,6 +297,10 @@ class TrainerConfig:
     # shape: 1 GiB), for two PCIe copies a block (0.92x the speed at that micro-batch, in one call): room for a
     # larger micro-batch, which pays for it (docs/performance.md)
     offload_checkpoints: bool = False
+    # Checkpoint each decoder block as its two residual sublayers (attention, MLP) instead of as one: the same
+    # recompute, while the backward holds one sublayer's saved activations at a time instead of the block's; one
+    # more checkpointed hidden state a block (runner.checkpoint_sublayers; Llama-style blocks)
+    checkpoint_sublayers: bool = False
     liger: bool = False  # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA, SFT; liger-kernel installed)
     # torch.compile each decoder block in place (one compile serves all the identical blocks): fewer, fused
     # kernels and far less Python per step; the first steps compile (~2 min on a 7B shape, docs/performance.md)

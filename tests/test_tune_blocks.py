@@ -9,7 +9,7 @@ from torch._logging._internal import log_state
 
 from qlora_recipes.errors import RecipeError
 from qlora_recipes.resolve import Device
-from qlora_recipes.runner import COMPILE_VARIANTS, decoder_blocks, tune_blocks
+from qlora_recipes.runner import COMPILE_VARIANTS, SUBLAYER_BLOCKS, checkpoint_sublayers, decoder_blocks, tune_blocks
 
 
 def test_compiled_blocks_share_one_graph_and_train_like_eager(recipe_of, tiny_checkpoint):
@@ -400,3 +400,123 @@ def test_compiled_blocks_keep_their_own_forward_decorators(recipe_of, tiny_check
     for block in blocks:
         compile_block(block)
     torch.testing.assert_close(loss_and_grads(model)[0], eager_loss, rtol=1e-5, atol=1e-6)
+
+
+def recompute_bytes(model) -> list[int]:
+    """A list that gets, for each checkpointed region's recompute in the backward, the bytes that recompute keeps
+    for the region's backward (parameters' own storage left out): what the backward holds while that region runs."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    regions: list[int] = []
+
+    def counted(function, *args, **kwargs):
+        if not torch.is_grad_enabled():  # the reentrant checkpoint's forward: nothing kept
+            return function(*args, **kwargs)
+        saved = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = function(*args, **kwargs)
+        regions.append(sum(saved.values()))
+        return out
+
+    for block in decoder_blocks(model):
+        checkpoint = block._gradient_checkpointing_func
+        block._gradient_checkpointing_func = lambda function, *a, _c=checkpoint, **k: _c(
+            functools.partial(counted, function), *a, **k
+        )
+    return regions
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_checkpointed_sublayers_train_like_the_checkpointed_block_and_hold_less(recipe_of, tiny_checkpoint, compiled):
+    """trainer.checkpoint_sublayers on the tiny Llama with LoRA dropout, eager and compiled: the loss and every
+    gradient of one checkpoint a block (the same dropout masks; bit for bit eager), from two checkpointed regions a
+    block, each of whose recomputes keeps less for its backward than the whole block's does."""
+    results = {}
+    for sublayers in (False, True):
+        recipe, model = tiny_model(
+            recipe_of,
+            tiny_checkpoint,
+            "quant=none",
+            "lora.dropout=0.1",
+            "trainer.gradient_checkpointing=true",
+            f"trainer.torch_compile={str(compiled).lower()}",
+            f"trainer.checkpoint_sublayers={str(sublayers).lower()}",
+        )
+        train_checkpointed(model)
+        torch._dynamo.reset()
+        tune_blocks(model, recipe)
+        regions = recompute_bytes(model)
+        torch.manual_seed(1)
+        loss, grads = loss_and_grads(model)
+        results[sublayers] = loss, grads, regions
+    (block_loss, block_grads, whole), (loss, grads, halves) = results[False], results[True]
+    assert len(whole) == 2 and len(halves) == 4  # two blocks: one region each, or attention and MLP each
+    assert max(halves) < 0.75 * min(whole)
+    for attention, mlp, block in zip(halves[::2], halves[1::2], whole):
+        assert block <= attention + mlp  # no more kept in all: the same activations, in two parts
+    assert grads.keys() == block_grads.keys() and len(grads) == 28
+    if not compiled:
+        assert torch.equal(loss, block_loss) and all(torch.equal(grads[n], block_grads[n]) for n in grads)
+    torch.testing.assert_close(loss, block_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, block_grads[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(SUBLAYER_BLOCKS))
+def test_each_block_class_it_splits_computes_what_its_own_forward_does(name):
+    """For every decoder layer class checkpoint_sublayers accepts (a 1-layer random model of its transformers
+    model type): the split block's logits equal the class's own forward's, and under gradient checkpointing so do
+    the loss and the weights' gradients. A transformers release that changes one of these forwards fails here."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        name.removesuffix("DecoderLayer").lower(),
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=96, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    (block,) = decoder_blocks(model)
+    assert type(block).__name__ == name
+    ids = torch.arange(3, 40).unsqueeze(0)
+
+    def run():
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+        model.train()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        return logits, loss.detach(), grads
+
+    logits, loss, grads = run()
+    checkpoint_sublayers(block, compile=False)
+    split_logits, split_loss, split_grads = run()
+    assert torch.equal(split_logits, logits) and torch.equal(split_loss, loss)
+    assert all(torch.equal(split_grads[n], grads[n]) for n in grads)
+
+
+def test_checkpoint_sublayers_refuses_a_block_it_does_not_know(recipe_of, tiny_checkpoint):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    class PatchedLayer(LlamaDecoderLayer):
+        pass
+
+    recipe, model = tiny_model(
+        recipe_of, tiny_checkpoint, "quant=none", "trainer.gradient_checkpointing=true", "trainer.checkpoint_sublayers=true"
+    )
+    for block in decoder_blocks(model):
+        block.__class__ = PatchedLayer
+    model.model._no_split_modules = ["PatchedLayer"]
+    with pytest.raises(RecipeError, match="PatchedLayer is not one it knows"):
+        tune_blocks(model, recipe)

@@ -54,6 +54,13 @@ GPU = Device(kind="cuda", count=1, bf16=True)
             GPU,
             "backend=hf, dist=zero3. It needs",
         ),
+        (("trainer.checkpoint_sublayers=true",), None, "trainer.gradient_checkpointing=false, backend=hf"),
+        (
+            ("+recipe=llama2_chatml", "trainer.checkpoint_sublayers=true", "dist=zero3", "dist.num_processes=2"),
+            GPU,
+            "dist=zero3. It needs gradient checkpointing",
+        ),
+        (("+recipe=llama2_chatml", "trainer.checkpoint_sublayers=true", "backend=unsloth"), GPU, "backend=unsloth"),
         (("trainer.offload_checkpoints=true",), GPU, "trainer.gradient_checkpointing=false, trainer.use_reentrant"),
         (
             ("+recipe=llama2_chatml", "trainer.offload_checkpoints=true", "trainer.use_reentrant=false"),
