@@ -458,7 +458,7 @@ def test_checkpointed_sublayers_train_like_the_checkpointed_block_and_hold_less(
     (block_loss, block_grads, whole), (loss, grads, halves) = results[False], results[True]
     assert len(whole) == 2 and len(halves) == 4  # two blocks: one region each, or attention and MLP each
     assert max(halves) < 0.75 * min(whole)
-    for attention, mlp, block in zip(halves[::2], halves[1::2], whole):
+    for attention, mlp, block in zip(halves[::2], halves[1::2], whole, strict=True):
         assert block <= attention + mlp  # no more kept in all: the same activations, in two parts
     assert grads.keys() == block_grads.keys() and len(grads) == 28
     if not compiled:
@@ -513,7 +513,11 @@ def test_checkpoint_sublayers_refuses_a_block_it_does_not_know(recipe_of, tiny_c
         pass
 
     recipe, model = tiny_model(
-        recipe_of, tiny_checkpoint, "quant=none", "trainer.gradient_checkpointing=true", "trainer.checkpoint_sublayers=true"
+        recipe_of,
+        tiny_checkpoint,
+        "quant=none",
+        "trainer.gradient_checkpointing=true",
+        "trainer.checkpoint_sublayers=true",
     )
     for block in decoder_blocks(model):
         block.__class__ = PatchedLayer
