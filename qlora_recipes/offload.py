@@ -2,9 +2,14 @@
 held in pinned host memory between a micro-batch's forward and its backward, so the GPU keeps no block's checkpoint.
 
 Forward: each checkpointed block's input is copied to host memory on a side stream while the next block computes
-(no host-GPU sync; the caching allocator reuses the tensor's memory only once the side stream has read it). Backward: the
-blocks come back in reverse order, and fetching one block's input also starts the copy of the block before it, so
-each is on the GPU before its recompute needs it and at most two are there at once.
+(no host-GPU sync). The offloader holds the input until the next block's input is stored; then the compute stream
+waits for the first copy (long done by then) and the memory goes back to the allocator, to be reused at once in the
+host's order. (Marking the tensor with `record_stream` instead leaves its memory unusable until the host sees the
+copy complete; the host runs far ahead of a GPU-bound forward, so every input it is ahead by sat in fresh memory:
+0.4 GiB over allocated on the 7B shape at micro-batch 4, 1.6 GiB with two checkpoints a block; docs/gpu.md call BE.)
+The last input stored is still on the GPU when the backward starts, which needs it first: it is used in place.
+Backward: the blocks come back in reverse order, and fetching one block's input also starts the copy of the block
+before it, so each is on the GPU before its recompute needs it and at most two are there at once.
 
 It takes reentrant checkpointing (`torch.utils.checkpoint` with use_reentrant=True), whose checkpoint function saves
 the block's tensor inputs with `save_for_backward`, where saved-tensor hooks reach them; the non-reentrant
@@ -20,13 +25,16 @@ MIN_BYTES = 1 << 20  # smaller saved tensors (none of a block's hidden states) s
 
 
 class Stored:
-    """One offloaded tensor: its host copy; while fetched, its device copy and the event that says it has arrived;
-    and (weakly) the tensor offloaded just before it, which the backward needs next."""
+    """One offloaded tensor: its host copy and the event that says the copy is complete; the device tensor itself
+    until the offloader releases it; while fetched, its device copy and the event that says it has arrived; and
+    (weakly) the tensor offloaded just before it, which the backward needs next."""
 
-    __slots__ = ("host", "fetched", "ready", "previous", "__weakref__")
+    __slots__ = ("host", "copied", "source", "fetched", "ready", "previous", "__weakref__")
 
-    def __init__(self, host: Any, previous: Any) -> None:
+    def __init__(self, host: Any, copied: Any, source: Any, previous: Any) -> None:
         self.host = host
+        self.copied = copied
+        self.source = source
         self.fetched = None
         self.ready = None
         self.previous = previous
@@ -45,6 +53,7 @@ class CheckpointOffload:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.last: Any = None  # weak reference to the latest Stored: the next one's predecessor
+        self.held: Stored | None = None  # the latest Stored while its device tensor is kept
         self.stored = 0
         self.fetched = 0
 
@@ -63,7 +72,9 @@ class CheckpointOffload:
             return tensor
         import torch
 
+        self.release()
         source = tensor.detach()
+        copied = None
         if self.stream is None:
             host = source.clone()
         else:
@@ -71,25 +82,46 @@ class CheckpointOffload:
             with torch.cuda.stream(self.stream):
                 host = torch.empty(source.shape, dtype=source.dtype, pin_memory=True)
                 host.copy_(source, non_blocking=True)
-            tensor.record_stream(self.stream)  # its memory is reused only after this copy has read it
-        item = Stored(host, self.last)
+                copied = torch.cuda.Event()
+                copied.record(self.stream)
+        item = Stored(host, copied, source, self.last)
         self.last = weakref.ref(item)
+        self.held = item
         self.stored += 1
         return item
+
+    def release(self) -> None:
+        """Give the held tensor's memory back: the compute stream's later work waits for its copy to the host."""
+        item, self.held = self.held, None
+        if item is None or item.source is None:
+            return
+        if item.copied is not None:
+            import torch
+
+            torch.cuda.current_stream(self.device).wait_event(item.copied)
+        item.source = None
 
     def unpack(self, item: Any) -> Any:
         if not isinstance(item, Stored):
             return item
+        if item.source is not None:  # the last one stored, still on the device: no fetch
+            tensor = item.source
+            self.release()  # only the held one has a source; its memory stays in use by the backward's reference
+            self.fetch_previous(item)
+            return tensor
         self.fetch(item)
-        previous = item.previous() if item.previous is not None else None
-        if previous is not None:
-            self.fetch(previous)  # the block the backward reaches next
+        self.fetch_previous(item)
         tensor, item.fetched = item.fetched, None
         if self.stream is not None:
             import torch
 
             torch.cuda.current_stream(self.device).wait_event(item.ready)
         return tensor
+
+    def fetch_previous(self, item: Stored) -> None:
+        previous = item.previous() if item.previous is not None else None
+        if previous is not None:
+            self.fetch(previous)  # the block the backward reaches next
 
     def fetch(self, item: Stored) -> None:
         if item.fetched is not None:

@@ -12,6 +12,8 @@
   that allocated it (`memory_at_peak`); memory_snapshot.pickle is the allocator's full record of the same steps,
   for https://pytorch.org/memory_viz.
 The traced steps run slower (the profiler's own host cost); bench leaves them out of its figures.
+`recompute_bytes` (CPU or GPU, no trace) measures what each gradient-checkpointed region's recompute keeps for its
+backward: under checkpointing the backward holds one region's at a time, so the largest sets the step's peak.
 """
 
 from __future__ import annotations
@@ -124,6 +126,40 @@ class StepProfiler:
         report["allocated_end_gib"] = round(allocated / 2**30, 3)  # torch's own count: the replay should match it
         (self.out / "memory_peak.json").write_text(json.dumps(report, indent=2))
         log.info("traced peak %.2f GiB allocated, at %s", report["peak_gib"], report["peak_at"])
+
+
+def recompute_bytes(blocks: list[Any], params: set[int]) -> list[int]:
+    """Route the checkpointed `blocks`' checkpoint functions through a counter and return the list it fills: for
+    each checkpointed region's recompute in the backward (one a block, or one a sublayer), the bytes of the tensors
+    it keeps for that region's backward, storages in `params` (the parameters' data pointers) left out."""
+    import functools
+
+    import torch
+
+    regions: list[int] = []
+
+    def counted(function: Any, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled():  # the reentrant checkpoint's forward keeps nothing of the region
+            return function(*args, **kwargs)
+        saved: dict[int, int] = {}
+
+        def pack(tensor: Any) -> Any:
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            out = function(*args, **kwargs)
+        regions.append(sum(saved.values()))
+        return out
+
+    def routed(checkpoint: Any, function: Any, *args: Any, **kwargs: Any) -> Any:
+        return checkpoint(functools.partial(counted, function), *args, **kwargs)
+
+    for block in blocks:
+        block._gradient_checkpointing_func = functools.partial(routed, block._gradient_checkpointing_func)
+    return regions
 
 
 def frame_site(frame: dict[str, Any]) -> str:

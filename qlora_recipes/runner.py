@@ -796,7 +796,8 @@ def restore_torch_linear() -> bool:
 
 class StepClock:
     """Wall time and real (non-padding) tokens of every optimizer step, the GPU synchronised at both ends,
-    so metrics.json can report a median step after warm-up (what `bench` reads)."""
+    so metrics.json can report a median step after warm-up (what `bench` reads). On CUDA each step also records the
+    run's peak reserved and allocated memory so far: the first step that reaches the run's peak is where it was set."""
 
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
@@ -821,9 +822,11 @@ class StepClock:
             def on_step_end(self, args, state, control, **kwargs):
                 tokens = getattr(clock.trainer, "_total_train_tokens", 0) - clock.tokens_before
                 end = now()  # perf_counter seconds: consecutive steps' ends give the wall time between them
-                clock.steps.append(
-                    {"step": state.global_step, "seconds": end - clock.started, "tokens": tokens, "end": end}
-                )
+                step = {"step": state.global_step, "seconds": end - clock.started, "tokens": tokens, "end": end}
+                if torch.cuda.is_available():
+                    step["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+                    step["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+                clock.steps.append(step)
 
         return Clock()
 

@@ -8,6 +8,7 @@ from conftest import as_trained, loss_and_grads, saved_bytes, tiny_model, train_
 from torch._logging._internal import log_state
 
 from qlora_recipes.errors import RecipeError
+from qlora_recipes.profiling import recompute_bytes
 from qlora_recipes.resolve import Device
 from qlora_recipes.runner import COMPILE_VARIANTS, SUBLAYER_BLOCKS, checkpoint_sublayers, decoder_blocks, tune_blocks
 
@@ -402,36 +403,6 @@ def test_compiled_blocks_keep_their_own_forward_decorators(recipe_of, tiny_check
     torch.testing.assert_close(loss_and_grads(model)[0], eager_loss, rtol=1e-5, atol=1e-6)
 
 
-def recompute_bytes(model) -> list[int]:
-    """A list that gets, for each checkpointed region's recompute in the backward, the bytes that recompute keeps
-    for the region's backward (parameters' own storage left out): what the backward holds while that region runs."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    regions: list[int] = []
-
-    def counted(function, *args, **kwargs):
-        if not torch.is_grad_enabled():  # the reentrant checkpoint's forward: nothing kept
-            return function(*args, **kwargs)
-        saved = {}
-
-        def pack(tensor):
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in params:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            out = function(*args, **kwargs)
-        regions.append(sum(saved.values()))
-        return out
-
-    for block in decoder_blocks(model):
-        checkpoint = block._gradient_checkpointing_func
-        block._gradient_checkpointing_func = lambda function, *a, _c=checkpoint, **k: _c(
-            functools.partial(counted, function), *a, **k
-        )
-    return regions
-
-
 @pytest.mark.parametrize("compiled", [False, True])
 def test_checkpointed_sublayers_train_like_the_checkpointed_block_and_hold_less(recipe_of, tiny_checkpoint, compiled):
     """trainer.checkpoint_sublayers on the tiny Llama with LoRA dropout, eager and compiled: the loss and every
@@ -451,7 +422,7 @@ def test_checkpointed_sublayers_train_like_the_checkpointed_block_and_hold_less(
         train_checkpointed(model)
         torch._dynamo.reset()
         tune_blocks(model, recipe)
-        regions = recompute_bytes(model)
+        regions = recompute_bytes(decoder_blocks(model), {p.untyped_storage().data_ptr() for p in model.parameters()})
         torch.manual_seed(1)
         loss, grads = loss_and_grads(model)
         results[sublayers] = loss, grads, regions
