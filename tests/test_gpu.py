@@ -137,8 +137,10 @@ def test_compiled_dequant_matches_bitsandbytes_on_cuda():
 
 
 def test_offloaded_checkpoints_train_like_kept_ones(tmp_path, monkeypatch):
-    """trainer.offload_checkpoints through the runner (tiny 4-bit Llama, reentrant checkpointing, bf16, packed): block
-    inputs do go to host memory, and every step's loss equals the one with the checkpoints kept on the GPU."""
+    """trainer.offload_checkpoints through the runner (tiny 4-bit Llama, reentrant checkpointing, bf16, packed), with
+    one checkpoint a block and with trainer.checkpoint_sublayers (two): the checkpointed inputs do go to host memory
+    (all but each forward's last, which the backward uses in place, come back), and every step's loss equals the one
+    with the checkpoints kept on the GPU."""
     import json
 
     from conftest import TINY_TRAIN
@@ -159,13 +161,22 @@ def test_offloaded_checkpoints_train_like_kept_ones(tmp_path, monkeypatch):
         "trainer.task_eval_samples=0",
     ]
     curves = {}
-    for on in (False, True):
-        out = tmp_path / str(on)
-        assert cli.main(["run", *base, f"trainer.offload_checkpoints={str(on).lower()}", f"output_dir={out}"]) == 0
-        curves[on] = [row["loss"] for row in json.loads((out / "metrics.json").read_text())["train"]["loss_curve"]]
-    assert len(made) == 1 and made[0].stored == made[0].fetched >= 8 * 2  # 2 blocks, every micro-batch
-    assert len(curves[True]) == 8
-    assert curves[True] == pytest.approx(curves[False], rel=1e-4)
+    for name, extra in {
+        "kept": ["trainer.offload_checkpoints=false"],
+        "offloaded": ["trainer.offload_checkpoints=true"],
+        "sublayers": ["trainer.offload_checkpoints=true", "trainer.checkpoint_sublayers=true"],
+    }.items():
+        out = tmp_path / name
+        assert cli.main(["run", *base, *extra, f"output_dir={out}"]) == 0
+        curves[name] = [row["loss"] for row in json.loads((out / "metrics.json").read_text())["train"]["loss_curve"]]
+    assert len(made) == 2
+    for off, regions in zip(made, (2, 4), strict=True):  # 2 blocks: 2 checkpoints a micro-batch, or 4
+        micro_batches = off.stored // regions
+        assert micro_batches >= 8 and off.stored == regions * micro_batches
+        assert off.fetched == (regions - 1) * micro_batches
+    assert len(curves["offloaded"]) == 8
+    assert curves["offloaded"] == pytest.approx(curves["kept"], rel=1e-4)
+    assert curves["sublayers"] == pytest.approx(curves["kept"], rel=1e-4)
 
 
 def test_traced_step_names_what_is_live_at_its_memory_peak(train_run):
