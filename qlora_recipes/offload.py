@@ -5,8 +5,9 @@ Forward: each checkpointed block's input is copied to host memory on a side stre
 (no host-GPU sync). The offloader holds the input until the next block's input is stored; then the compute stream
 waits for the first copy (long done by then) and the memory goes back to the allocator, to be reused at once in the
 host's order. (Marking the tensor with `record_stream` instead leaves its memory unusable until the host sees the
-copy complete; the host runs far ahead of a GPU-bound forward, so every input it is ahead by sat in fresh memory:
-0.4 GiB over allocated on the 7B shape at micro-batch 4, 1.6 GiB with two checkpoints a block; docs/gpu.md call BE.)
+copy complete; the host runs far ahead of a GPU-bound forward, so every input it is ahead by sat in fresh memory.
+On the 7B shape at micro-batch 4 with two checkpoints a block that reserved 7.30 GiB at 5.69 allocated; released in
+stream order, 6.13: docs/gpu.md calls BE, BF.)
 The last input stored is still on the GPU when the backward starts, which needs it first: it is used in place.
 Backward: the blocks come back in reverse order, and fetching one block's input also starts the copy of the block
 before it, so each is on the GPU before its recompute needs it and at most two are there at once.

@@ -12,6 +12,9 @@ redraw dropout masks in the backward). Attention here is CPU sdpa, not the GPU's
   HF_HUB_OFFLINE=1 .venv/bin/python scripts/block_saved_bytes.py [TOKENS] [BUDGET ...]   (default 2048 1.0 0.5)
 
 LEAN=1 folds each LoRA layer's dropout into its A projection first (lora.lean_dropout, lean_dropout.py).
+SUBLAYERS=1 instead runs the block under reentrant gradient checkpointing, once checkpointed whole and once as
+attention, then MLP (trainer.checkpoint_sublayers), and prints what each checkpointed region's recompute keeps for
+its backward (profiling.recompute_bytes): the backward holds one region's at a time.
 DTYPE=float32 runs the block in float32 instead: bf16 rounding then no longer hides whether a budget's gradients
 differ by rounding (~1e-6 in float32) or by other dropout masks (~0.1 and more).
 """
@@ -26,7 +29,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlora_recipes import lean_dropout
-from qlora_recipes.runner import compile_block, decoder_blocks
+from qlora_recipes.profiling import recompute_bytes
+from qlora_recipes.runner import checkpoint_sublayers, compile_block, decoder_blocks
 
 
 def step(model, ids, params) -> tuple[int, int, dict[str, torch.Tensor]]:
@@ -73,8 +77,25 @@ def main(tokens: int, budgets: list[float]) -> None:
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     ids = torch.randint(0, 512, (1, tokens))
     (block,) = decoder_blocks(model)
-    compile_block(block)
     print(f"one 7B-shaped block, {tokens} tokens, {dtype}, LoRA r8 dropout 0.1, torch {torch.__version__}")
+    if os.environ.get("SUBLAYERS"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        for split in (False, True):
+            torch._dynamo.reset()
+            if split:
+                checkpoint_sublayers(block, compile=True)
+            else:
+                compile_block(block)
+            regions = recompute_bytes([block], params)
+            step(model, ids, params)  # compiles
+            regions.clear()
+            step(model, ids, params)
+            kept = ", ".join(f"{n / 2**20:,.0f}" for n in regions)
+            print(f"{'attention, MLP' if split else 'whole block'}: each recompute keeps {kept} MiB")
+            del block.forward, block._gradient_checkpointing_func
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        return
+    compile_block(block)
     first = None
     for budget in budgets:
         torch._functorch.config.activation_memory_budget = budget
