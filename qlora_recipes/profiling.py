@@ -12,8 +12,9 @@
   that allocated it (`memory_at_peak`); memory_snapshot.pickle is the allocator's full record of the same steps,
   for https://pytorch.org/memory_viz.
 The traced steps run slower (the profiler's own host cost); bench leaves them out of its figures.
-`recompute_bytes` (CPU or GPU, no trace) measures what each gradient-checkpointed region's recompute keeps for its
-backward: under checkpointing the backward holds one region's at a time, so the largest sets the step's peak.
+`SavedBytes` adds up what a forward keeps for its backward; `recompute_bytes` (CPU or GPU, no trace) measures that
+for each gradient-checkpointed region's recompute: the backward holds one region's at a time, so the largest sets
+the step's peak.
 """
 
 from __future__ import annotations
@@ -128,6 +129,30 @@ class StepProfiler:
         log.info("traced peak %.2f GiB allocated, at %s", report["peak_gib"], report["peak_at"])
 
 
+class SavedBytes:
+    """Saved-tensor hooks (`hooks()`) that add up the distinct storages autograd keeps for a backward, the storages in
+    `params` (the parameters' data pointers) left out: `total` bytes."""
+
+    def __init__(self, params: set[int]) -> None:
+        self.params = params
+        self.storages: dict[int, int] = {}
+
+    def pack(self, tensor: Any) -> Any:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in self.params:
+            self.storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    @property
+    def total(self) -> int:
+        return sum(self.storages.values())
+
+    def hooks(self) -> Any:
+        import torch
+
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda tensor: tensor)
+
+
 def recompute_bytes(blocks: list[Any], params: set[int]) -> list[int]:
     """Route the checkpointed `blocks`' checkpoint functions through a counter and return the list it fills: for
     each checkpointed region's recompute in the backward (one a block, or one a sublayer), the bytes of the tensors
@@ -141,17 +166,10 @@ def recompute_bytes(blocks: list[Any], params: set[int]) -> list[int]:
     def counted(function: Any, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled():  # the reentrant checkpoint's forward keeps nothing of the region
             return function(*args, **kwargs)
-        saved: dict[int, int] = {}
-
-        def pack(tensor: Any) -> Any:
-            storage = tensor.untyped_storage()
-            if storage.data_ptr() not in params:
-                saved[storage.data_ptr()] = storage.nbytes()
-            return tensor
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        saved = SavedBytes(params)
+        with saved.hooks():
             out = function(*args, **kwargs)
-        regions.append(sum(saved.values()))
+        regions.append(saved.total)
         return out
 
     def routed(checkpoint: Any, function: Any, *args: Any, **kwargs: Any) -> Any:

@@ -694,9 +694,7 @@ def checkpoint_sublayers(block: Any, compile: bool) -> None:
     def forward(hidden_states: Any, **kwargs: Any) -> Any:
         if not (block.gradient_checkpointing and block.training):
             return mlp(block, attention(block, hidden_states, **kwargs))
-        # what transformers' checkpointed layers do: the recompute must not write a cache a second time
-        kwargs.update({key: None for key in ("past_key_values", "layer_past") if key in kwargs})
-        kwargs.update({"use_cache": False} if "use_cache" in kwargs else {})
+        # no cache to keep out of the recompute: setup_model turns use_cache off under gradient checkpointing
         hidden_states = block._gradient_checkpointing_func(functools.partial(attention, block, **kwargs), hidden_states)
         return block._gradient_checkpointing_func(functools.partial(mlp, block), hidden_states)
 

@@ -29,30 +29,23 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlora_recipes import lean_dropout
-from qlora_recipes.profiling import recompute_bytes
+from qlora_recipes.profiling import SavedBytes, recompute_bytes
 from qlora_recipes.runner import checkpoint_sublayers, compile_block, decoder_blocks
 
 
 def step(model, ids, params) -> tuple[int, int, dict[str, torch.Tensor]]:
     """One forward and backward from seed 1: the bytes the forward saved for the backward, the backward's matrix
     products, and the trainable weights' gradients."""
-    saved: dict[int, int] = {}
+    saved = SavedBytes(params)
     torch.manual_seed(1)
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved.hooks():
         loss = model(input_ids=ids, labels=ids).loss
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         loss.backward()
     grads = {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     matmuls = sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
-    return sum(saved.values()), matmuls, grads
+    return saved.total, matmuls, grads
 
 
 def main(tokens: int, budgets: list[float]) -> None:

@@ -154,18 +154,12 @@ def saved_bytes(model, length=50):
     """Bytes of the tensors one training forward keeps for its backward, the parameters' own storage left out."""
     import torch
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
+    from qlora_recipes.profiling import SavedBytes
 
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
+    saved = SavedBytes({p.untyped_storage().data_ptr() for p in model.parameters()})
     ids = torch.arange(3, 3 + length).unsqueeze(0)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):  # the forward only: what it keeps
+    with saved.hooks():  # the forward only: what it keeps
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     model.zero_grad()
-    return sum(saved.values())
+    return saved.total

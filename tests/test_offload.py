@@ -156,8 +156,8 @@ def test_offloaded_checkpoints_free_gpu_memory_and_keep_the_gradients():
     offloaded_held, grown, offloaded = run(off)
     assert off.stored == n and off.fetched == n - 1  # x too, though its caller keeps it
     assert kept_held >= n * size and offloaded_held <= 2 * size + (1 << 20)  # the output and the last input
-    # each block's output reuses an input let go of: the host, far ahead of the copies, does not leave each in fresh
-    # memory (with record_stream instead, up to all 8 were)
+    # each block's output reuses an input let go of, instead of fresh memory for every input whose copy the host has
+    # not yet seen complete (record_stream's rule)
     assert grown <= 4 * size
     for a, b in zip(offloaded, kept, strict=True):
         assert torch.equal(a, b)
