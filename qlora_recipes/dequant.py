@@ -56,8 +56,12 @@ class Matmul4bit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         packed, absmax, code = ctx.saved_tensors
-        weight = dequantize(packed, absmax, code, ctx.blocksize, ctx.shape, grad.dtype, again=True)
-        return grad @ weight, None, None, None, None, None
+        return input_grad(grad, packed, absmax, code, ctx.blocksize, ctx.shape), None, None, None, None, None
+
+
+def input_grad(grad: Any, packed: Any, absmax: Any, code: Any, blocksize: int, shape: Any) -> Any:
+    """The input gradient of x @ W.t(), W dequantized again (also lean_recompute.py's, for the routed layers)."""
+    return grad @ dequantize(packed, absmax, code, blocksize, shape, grad.dtype, again=True)
 
 
 def eligible(module: Any) -> bool:

@@ -458,6 +458,15 @@ def validate(resolved: Resolved) -> None:
         f"dist={backend.value}. It needs gradient checkpointing, backend=hf (Unsloth checkpoints its own way) and one "
         "whole model per GPU (dist=single or ddp: not yet run with sharded blocks). Set it false or change those",
     )
+    need(
+        not t.lean_recompute or (t.checkpoint_sublayers and t.use_reentrant and r.lora.enabled),
+        "trainer.lean_recompute=true skips, in each sublayer's recompute, work whose result is discarded: it needs "
+        "trainer.checkpoint_sublayers=true and trainer.use_reentrant=true (the non-reentrant checkpoint's first "
+        "forward is the one with grad, whose output is used) and LoRA (lora.enabled=true: a trainable base weight "
+        f"needs its own gradient); this run has trainer.checkpoint_sublayers={str(t.checkpoint_sublayers).lower()}, "
+        f"trainer.use_reentrant={str(t.use_reentrant).lower()}, lora.enabled={str(r.lora.enabled).lower()}. Set it "
+        "false or change those",
+    )
     if t.offload_checkpoints:
         need(
             t.gradient_checkpointing and t.use_reentrant,

@@ -601,7 +601,7 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
         torch._logging.set_logs(recompiles=True)  # each recompile (a step that stalls for seconds) says why, on stderr
     for block in blocks:
         if sublayers:
-            checkpoint_sublayers(block, compile=recipe.trainer.torch_compile)
+            checkpoint_sublayers(block, compile=recipe.trainer.torch_compile, lean=recipe.trainer.lean_recompute)
         elif recipe.trainer.torch_compile:
             compile_block(block)
     if recipe.trainer.torch_compile:
@@ -612,6 +612,16 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
         )
     if sublayers:
         log.info("trainer.checkpoint_sublayers: %d blocks checkpointed as attention, then MLP", len(blocks))
+    if recipe.trainer.lean_recompute:
+        from qlora_recipes import lean_recompute
+
+        layers = lean_recompute.install(blocks)
+        if not layers:
+            raise RecipeError(
+                "trainer.lean_recompute=true, but no sublayer ends in a LoRA layer it can stand in for (a single plain "
+                "LoRA adapter on a frozen nn.Linear or 4-bit layer: not DoRA, LoRA bias or 8-bit). Set it false"
+            )
+        log.info("trainer.lean_recompute: %d LoRA layers skip their discarded output in the recompute", layers)
     if plan.zero3_leaf_blocks(recipe):
         from deepspeed.utils import set_z3_leaf_modules
 
@@ -674,7 +684,7 @@ def mlp_sublayer(block: Any, hidden_states: Any) -> Any:
     return hidden_states + block.mlp(block.post_attention_layernorm(hidden_states))
 
 
-def checkpoint_sublayers(block: Any, compile: bool) -> None:
+def checkpoint_sublayers(block: Any, compile: bool, lean: bool = False) -> None:
     """`trainer.checkpoint_sublayers`: a decoder block's forward run as its two residual sublayers, each checkpointed
     on its own (and with `compile`, compiled: two graphs that every block shares), in place of transformers' one
     checkpoint around the block. The work is the same (each sublayer is recomputed once); the backward holds one
@@ -695,8 +705,14 @@ def checkpoint_sublayers(block: Any, compile: bool) -> None:
         if not (block.gradient_checkpointing and block.training):
             return mlp(block, attention(block, hidden_states, **kwargs))
         # no cache to keep out of the recompute: setup_model turns use_cache off under gradient checkpointing
-        hidden_states = block._gradient_checkpointing_func(functools.partial(attention, block, **kwargs), hidden_states)
-        return block._gradient_checkpointing_func(functools.partial(mlp, block), hidden_states)
+        if lean:
+            from qlora_recipes.lean_recompute import run_region
+
+            first, second = functools.partial(run_region, attention), functools.partial(run_region, mlp)
+        else:
+            first, second = attention, mlp
+        hidden_states = block._gradient_checkpointing_func(functools.partial(first, block, **kwargs), hidden_states)
+        return block._gradient_checkpointing_func(functools.partial(second, block), hidden_states)
 
     block.forward = forward
 

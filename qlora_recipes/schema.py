@@ -301,6 +301,10 @@ class TrainerConfig:
     # recompute, while the backward holds one sublayer's saved activations at a time instead of the block's; one
     # more checkpointed hidden state a block (runner.checkpoint_sublayers; Llama-style blocks)
     checkpoint_sublayers: bool = False
+    # With checkpoint_sublayers (reentrant, LoRA): each sublayer's recompute skips its last layer's frozen projection
+    # and LoRA B, whose result only feeds the discarded recomputed output; their backward is computed as before
+    # (lean_recompute.py: on a Llama-2-7B shape 31% of the recompute's matrix products)
+    lean_recompute: bool = False
     liger: bool = False  # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA, SFT; liger-kernel installed)
     # torch.compile each decoder block in place (one compile serves all the identical blocks): fewer, fused
     # kernels and far less Python per step; the first steps compile (~2 min on a 7B shape, docs/performance.md)

@@ -70,7 +70,9 @@ def test_varlen_attention_matches_each_sequence_run_alone(tiny_checkpoint, packe
 LEAN = ("trainer.offload_checkpoints=true", "trainer.checkpoint_sublayers=true", "trainer.micro_batch_size=4")
 
 
-@pytest.mark.parametrize("extra", [(), LEAN], ids=["optimized", "off4s"])
+@pytest.mark.parametrize(
+    "extra", [(), LEAN, (*LEAN, "trainer.lean_recompute=true")], ids=["optimized", "off4s", "off4s-lean-recompute"]
+)
 def test_optimized_variant_follows_the_plain_loss_curve(tmp_path, extra):
     """Issue 6's faithfulness rule on a model that learns: bench's default `plain` and `optimized` variants (and
     optimized with the offload, sublayer checkpoints and a micro-batch of 4) train the same packed data with the same
@@ -144,7 +146,8 @@ def test_compiled_dequant_matches_bitsandbytes_on_cuda():
 
 def test_offloaded_checkpoints_train_like_kept_ones(tmp_path, monkeypatch):
     """trainer.offload_checkpoints through the runner (tiny 4-bit Llama, reentrant checkpointing, bf16, packed), with
-    one checkpoint a block and with trainer.checkpoint_sublayers (two): the checkpointed inputs do go to host memory
+    one checkpoint a block and with trainer.checkpoint_sublayers (two; also with trainer.lean_recompute, whose
+    recompute computes the last layers' gradients itself, under autocast): the checkpointed inputs do go to host memory
     (all but each forward's last, which the backward uses in place, come back), and every step's loss equals the one
     with the checkpoints kept on the GPU."""
     import json
@@ -171,18 +174,24 @@ def test_offloaded_checkpoints_train_like_kept_ones(tmp_path, monkeypatch):
         "kept": ["trainer.offload_checkpoints=false"],
         "offloaded": ["trainer.offload_checkpoints=true"],
         "sublayers": ["trainer.offload_checkpoints=true", "trainer.checkpoint_sublayers=true"],
+        "lean": [
+            "trainer.offload_checkpoints=true",
+            "trainer.checkpoint_sublayers=true",
+            "trainer.lean_recompute=true",
+        ],
     }.items():
         out = tmp_path / name
         assert cli.main(["run", *base, *extra, f"output_dir={out}"]) == 0
         curves[name] = [row["loss"] for row in json.loads((out / "metrics.json").read_text())["train"]["loss_curve"]]
-    assert len(made) == 2
-    for off, regions in zip(made, (2, 4), strict=True):  # 2 blocks: 2 checkpoints a micro-batch, or 4
+    assert len(made) == 3
+    for off, regions in zip(made, (2, 4, 4), strict=True):  # 2 blocks: 2 checkpoints a micro-batch, or 4
         micro_batches = off.stored // regions
         assert micro_batches >= 8 and off.stored == regions * micro_batches
         assert off.fetched == (regions - 1) * micro_batches
     assert len(curves["offloaded"]) == 8
     assert curves["offloaded"] == pytest.approx(curves["kept"], rel=1e-4)
     assert curves["sublayers"] == pytest.approx(curves["kept"], rel=1e-4)
+    assert curves["lean"] == pytest.approx(curves["kept"], rel=1e-4)
 
 
 def test_traced_step_names_what_is_live_at_its_memory_peak(train_run):

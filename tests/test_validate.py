@@ -61,6 +61,18 @@ GPU = Device(kind="cuda", count=1, bf16=True)
             "dist=zero3. It needs gradient checkpointing",
         ),
         (("+recipe=llama2_chatml", "trainer.checkpoint_sublayers=true", "backend=unsloth"), GPU, "backend=unsloth"),
+        (("trainer.lean_recompute=true",), None, "trainer.checkpoint_sublayers=false"),
+        (
+            ("+recipe=llama2_chatml", "trainer.checkpoint_sublayers=true", "trainer.lean_recompute=true")
+            + ("trainer.use_reentrant=false",),
+            None,
+            "trainer.use_reentrant=false, lora.enabled=true",
+        ),
+        (
+            ("+recipe=llama2_chatml", "trainer.checkpoint_sublayers=true", "trainer.lean_recompute=true", "lora=none"),
+            None,
+            "lora.enabled=false",
+        ),
         (("trainer.offload_checkpoints=true",), GPU, "trainer.gradient_checkpointing=false, trainer.use_reentrant"),
         (
             ("+recipe=llama2_chatml", "trainer.offload_checkpoints=true", "trainer.use_reentrant=false"),
