@@ -18,7 +18,11 @@ DDP = ["dist=ddp", "dist.num_processes=2", "trainer.micro_batch_size=4"]
 SUBLAYERS = ("trainer.gradient_checkpointing=true", "trainer.use_reentrant=true", "trainer.checkpoint_sublayers=true")
 
 
-@pytest.mark.parametrize("extra", [(), SUBLAYERS], ids=["blocks", "sublayer_checkpoints"])
+@pytest.mark.parametrize(
+    "extra",
+    [(), SUBLAYERS, (*SUBLAYERS, "trainer.lean_recompute=true")],
+    ids=["blocks", "sublayer_checkpoints", "lean_recompute"],
+)
 def test_ddp_on_two_cpu_processes(train_run, extra):
     run_dir, metrics = train_run(*DDP, *extra, "trainer.max_steps=20")
     assert metrics["train"]["steps"] == 20
@@ -26,7 +30,9 @@ def test_ddp_on_two_cpu_processes(train_run, extra):
     state = json.loads((run_dir / "checkpoint-20" / "trainer_state.json").read_text())
     assert state["epoch"] == 1.0  # 160 samples / (4 per process x 2 processes) = 20 steps: the data was sharded
     assert (run_dir / "run.rank1.log").is_file() and (run_dir / "adapter" / "adapter_model.safetensors").is_file()
-    assert ("blocks checkpointed as attention, then MLP" in (run_dir / "run.log").read_text()) == bool(extra)
+    log = (run_dir / "run.log").read_text()
+    assert ("blocks checkpointed as attention, then MLP" in log) == bool(extra)
+    assert ("skip their discarded output in the recompute" in log) == ("trainer.lean_recompute=true" in extra)
 
 
 def test_one_rank_dying_ends_the_job_promptly(tmp_path, spawn):

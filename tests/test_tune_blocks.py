@@ -568,7 +568,8 @@ def test_lean_recompute_skips_the_discarded_products_and_keeps_the_gradients(
 
 def test_lean_recompute_leaves_forwards_outside_a_recompute_alone(recipe_of, tiny_checkpoint):
     """The routed layers compute PEFT's output whenever no recompute runs, with grad too (gradient checkpointing
-    off, or the model in eval with grad on), and an unknown layer kind is refused by name."""
+    off, or the model in eval with grad on); in a recompute, a layer switched to a state it does not replace (merged
+    adapters) is left to PEFT's forward."""
     from qlora_recipes import lean_recompute
 
     recipe, model = tiny_model(
