@@ -701,16 +701,16 @@ def checkpoint_sublayers(block: Any, compile: bool, lean: bool = False) -> None:
     if compile:  # the block passed as an argument, not bound: every block then runs one graph (as compile_block)
         attention, mlp = torch.compile(attention, dynamic=True), torch.compile(mlp, dynamic=True)
 
+    first, second = attention, mlp  # as the checkpoints call them
+    if lean:
+        from qlora_recipes.lean_recompute import run_region
+
+        first, second = functools.partial(run_region, attention), functools.partial(run_region, mlp)
+
     def forward(hidden_states: Any, **kwargs: Any) -> Any:
         if not (block.gradient_checkpointing and block.training):
             return mlp(block, attention(block, hidden_states, **kwargs))
         # no cache to keep out of the recompute: setup_model turns use_cache off under gradient checkpointing
-        if lean:
-            from qlora_recipes.lean_recompute import run_region
-
-            first, second = functools.partial(run_region, attention), functools.partial(run_region, mlp)
-        else:
-            first, second = attention, mlp
         hidden_states = block._gradient_checkpointing_func(functools.partial(first, block, **kwargs), hidden_states)
         return block._gradient_checkpointing_func(functools.partial(second, block), hidden_states)
 
