@@ -20,7 +20,9 @@ Loss gap vs first = the largest relative difference between a variant's logged l
 variant's at the same step: variants see the same data in the same order with the same seed, so a speed
 setting that changes the arithmetic shows here (issue 6 holds the optimized path within 1% over 50 steps).
 The default variants are `plain` (the original flow: no compile, no Liger) and `optimized` (this
-project's speed settings; docs/performance.md says which pay).
+project's speed settings; docs/performance.md says which pay). A variant's `cuda:KEY=VALUE` overrides apply only where
+it trains on a CUDA GPU and the recipe admits them together (optimized's checkpoint offload, sublayer checkpoints, lean
+recompute and micro-batch of 4); elsewhere bench runs it without them and says why.
 """
 
 from __future__ import annotations
@@ -381,7 +383,9 @@ def parse_variants(entries: list[str]) -> dict[str, list[str]]:
 
 def at_least(overrides: list[str], recipe: Any) -> list[str]:
     """A variant's overrides with each `KEY>=N` made `KEY=max(recipe's value, N)`: a floor on the recipe's own setting
-    (the optimized micro-batch is at least 2 sequences, not fewer than a recipe that already runs more)."""
+    (the optimized micro-batch is at least 2 sequences, not fewer than a recipe that already runs more). A micro-batch
+    floor stops at the largest micro-batch the recipe's batch splits into evenly (batch = micro-batch x processes x
+    accumulation), so `trainer.micro_batch_size>=4` runs a batch of 2 sequences on one process as 2 x 1."""
     concrete = []
     for override in overrides:
         key, sep, floor = override.partition(">=")
@@ -390,12 +394,47 @@ def at_least(overrides: list[str], recipe: Any) -> list[str]:
             continue
         try:
             current = functools.reduce(getattr, key.split("."), recipe)
-            concrete.append(f"{key}={max(current, int(floor))}")
+            value = max(current, int(floor))
         except (AttributeError, TypeError, ValueError):
             raise RecipeError(
                 f"bench.variants override {override!r}: KEY>=N needs a numeric recipe setting KEY and an integer N"
             ) from None
+        if key == "trainer.micro_batch_size":
+            per_process = recipe.trainer.batch_size // plan.world_size(recipe)
+            value = max((m for m in range(current, value + 1) if per_process % m == 0), default=value)
+        concrete.append(f"{key}={value}")
     return concrete
+
+
+CUDA_ONLY = "cuda:"
+
+
+def variant_overrides(
+    name: str, extra: list[str], overrides: list[str], resolved: Any, traced: str
+) -> tuple[list[str], Any, str | None]:
+    """A variant's concrete overrides, its resolved recipe, and why its `cuda:KEY=VALUE` overrides were left out (None
+    when it has none or they apply). Those apply where the variant trains on a CUDA GPU and the recipe admits them
+    together (the checkpoint offload needs a GPU; sublayer checkpoints need reentrant checkpointing, one whole model
+    per GPU and backend=hf): a bench of any recipe runs its fastest valid settings, and says which it could not."""
+    from qlora_recipes.cli import resolve_overrides
+
+    common = at_least([o for o in extra if not o.startswith(CUDA_ONLY)], resolved.recipe)
+    cuda_only = at_least([o.removeprefix(CUDA_ONLY) for o in extra if o.startswith(CUDA_ONLY)], resolved.recipe)
+    why = None
+    if cuda_only and resolved.device.kind != "cuda":
+        why = "no CUDA GPU"
+    elif cuda_only:
+        keys = {o.partition("=")[0] for o in cuda_only}
+        concrete = [*(o for o in common if o.partition("=")[0] not in keys), *cuda_only]
+        try:
+            variant, _ = resolve_overrides([*overrides, *concrete, traced])
+            return concrete, variant, None
+        except RecipeError as exc:
+            why = str(exc)
+    variant, _ = resolve_overrides([*overrides, *common, traced])
+    if why:
+        why = f"{name}: left out `{' '.join(cuda_only)}` ({why})"
+    return common, variant, why
 
 
 def rows_needed(recipe: Any, steps: int) -> int:
@@ -422,13 +461,14 @@ def run_bench(overrides: list[str]) -> list[Measured]:
     total = cfg.warmup + cfg.steps + (1 if cfg.profile else 0)
     profile_step = total if cfg.profile else None
 
-    ckpt = checkpoint(cfg.shape)
     name_, gpu = resolved.recipe.name, device_name()
     plans = []
+    left_out = []
     for name, extra in parse_variants(list(cfg.variants)).items():
-        extra = at_least(extra, resolved.recipe)
-        variant, _ = resolve_overrides([*overrides, *extra, traced_steps(profile_step)])
+        extra, variant, why = variant_overrides(name, extra, overrides, resolved, traced_steps(profile_step))
         plans.append((name, extra, variant))
+        left_out += [why] if why else []
+    ckpt = checkpoint(cfg.shape)
     rows = max(rows_needed(v.recipe, total) for _, _, v in plans)
     mean_words = max(8, resolved.recipe.trainer.max_seq_len // 2)
     data = write_data(bench_dir / "data" / "train.jsonl", synthetic_rows(rows, shape["vocab_size"], mean_words))
@@ -438,6 +478,8 @@ def run_bench(overrides: list[str]) -> list[Measured]:
         f"{cfg.warmup} warm-up + {cfg.steps} measured steps",
         flush=True,
     )
+    for why in left_out:
+        print(f"# {why}", flush=True)
 
     results = []
     for name, extra, _ in plans:
@@ -476,6 +518,7 @@ def run_bench(overrides: list[str]) -> list[Measured]:
         "measured_steps": cfg.steps,
         "overrides": " ".join(overrides),
         "versions": versions(),
+        **({"left out": "; ".join(left_out)} if left_out else {}),
     }
     (bench_dir / "bench.json").write_text(json.dumps({**header, "results": [r.__dict__ for r in results]}, indent=2))
     table = markdown(results, header)

@@ -7,6 +7,7 @@ import pytest
 
 from qlora_recipes import bench, cli, profiling
 from qlora_recipes.errors import RecipeError
+from qlora_recipes.resolve import Device
 from qlora_recipes.schema import BenchConfig, BenchShape
 
 
@@ -104,12 +105,13 @@ def test_default_variants_are_the_plain_flow_and_the_optimized_one():
     # and micro-batch stay the recipe's own (the original flow's --use_flash_attn and batch)
     pinned = {o.split("=")[0] for o in variants["plain"]}
     assert {"quant.compiled_dequant", "trainer.cudnn_attention"} <= pinned
-    assert {o.split("=")[0].split(">")[0] for o in variants["optimized"]} - pinned == {
+    assert {o.split("=")[0].split(">")[0] for o in variants["optimized"] if ":" not in o} - pinned == {
         "model.attn_implementation",
         "trainer.micro_batch_size",
     }
     # what docs/gpu.md measured as `optimized` (eighth session: 2.75x plain at 6.33 vs 6.62 GiB reserved), with lazy
-    # metrics (tenth session: 1.09x over it in the same call) and async inputs (eleventh: 1.07x and 1.05x)
+    # metrics (tenth session: 1.09x over it in the same call) and async inputs (eleventh: 1.07x and 1.05x); on a GPU
+    # off4sl (twenty-second and twenty-third sessions: 3.53x and 4.05x plain within its reserved memory)
     assert set(variants["optimized"]) == {
         "trainer.torch_compile=true",
         "model.attn_implementation=fastest",
@@ -118,6 +120,10 @@ def test_default_variants_are_the_plain_flow_and_the_optimized_one():
         "trainer.micro_batch_size>=2",
         "trainer.lazy_metrics=true",
         "trainer.async_inputs=true",
+        "cuda:trainer.offload_checkpoints=true",
+        "cuda:trainer.checkpoint_sublayers=true",
+        "cuda:trainer.lean_recompute=true",
+        "cuda:trainer.micro_batch_size>=4",
     }
 
 
@@ -126,11 +132,73 @@ def test_default_variants_are_the_plain_flow_and_the_optimized_one():
     [("+recipe=llama2_chatml", 2), ("+recipe=smollm2_chatml", 8)],  # 1 x 4 becomes 2 x 2; 8 stays 8
 )
 def test_optimized_micro_batch_is_a_floor_on_the_recipes_own(recipe_of, recipe, micro_batch):
-    optimized = bench.parse_variants(BenchConfig().variants)["optimized"]
+    optimized = [o for o in bench.parse_variants(BenchConfig().variants)["optimized"] if ":" not in o]  # off a GPU
     concrete = bench.at_least(optimized, recipe_of(recipe).recipe)
     assert f"trainer.micro_batch_size={micro_batch}" in concrete
     assert [o for o in concrete if "micro_batch" not in o] == [o for o in optimized if "micro_batch" not in o]
     recipe_of(recipe, *concrete)  # composes and validates
+
+
+@pytest.mark.parametrize(
+    "overrides, floor, micro_batch",
+    [
+        (["trainer.batch_size=2"], 4, 2),  # a batch of 2 on one process: 2 x 1, not a refused 4
+        (["trainer.batch_size=6"], 4, 3),  # the largest micro-batch <= 4 that 6 splits into
+        (["dist=ddp", "dist.num_processes=2"], 4, 2),  # 4 sequences over 2 processes: 2 each
+        (["trainer.micro_batch_size=4", "trainer.batch_size=8"], 2, 4),  # the recipe's larger one stays
+    ],
+)
+def test_micro_batch_floor_stops_where_the_batch_splits_evenly(recipe_of, overrides, floor, micro_batch):
+    recipe = recipe_of("+recipe=llama2_chatml", *overrides).recipe
+    assert bench.at_least([f"trainer.micro_batch_size>={floor}"], recipe) == [f"trainer.micro_batch_size={micro_batch}"]
+    recipe_of("+recipe=llama2_chatml", *overrides, f"trainer.micro_batch_size={micro_batch}")  # validates
+
+
+GPU = Device(kind="cuda", count=1, bf16=True, memory_gib=140.0)
+TRACED = bench.traced_steps(None)
+
+
+def optimized_on(recipe_of, monkeypatch, device, *overrides):
+    """The default optimized variant's concrete overrides, resolved recipe and left-out note on `device`."""
+    monkeypatch.setattr(cli, "probe_device", lambda: device)
+    overrides = ["+recipe=llama2_chatml", *overrides]
+    extra = bench.parse_variants(BenchConfig().variants)["optimized"]
+    return bench.variant_overrides("optimized", extra, overrides, recipe_of(*overrides, device=device), TRACED)
+
+
+def gpu_settings(variant):
+    t = variant.recipe.trainer
+    return t.offload_checkpoints, t.checkpoint_sublayers, t.lean_recompute, t.micro_batch_size
+
+
+def test_cuda_only_overrides_apply_on_a_gpu(recipe_of, monkeypatch):
+    concrete, variant, why = optimized_on(recipe_of, monkeypatch, GPU)
+    assert why is None
+    assert concrete[-4:] == [
+        "trainer.offload_checkpoints=true",
+        "trainer.checkpoint_sublayers=true",
+        "trainer.lean_recompute=true",
+        "trainer.micro_batch_size=4",  # llama2_chatml's 1 x 4 becomes 4 x 1 (the common floor of 2 is dropped)
+    ]
+    assert not any(o.startswith(bench.CUDA_ONLY) or o == "trainer.micro_batch_size=2" for o in concrete)
+    assert gpu_settings(variant) == (True, True, True, 4)
+    t = variant.recipe.trainer
+    assert t.torch_compile and t.lazy_metrics and t.batch_size == 4
+
+
+def test_cuda_only_overrides_are_left_out_on_cpu(recipe_of, monkeypatch):
+    concrete, variant, why = optimized_on(recipe_of, monkeypatch, Device())
+    assert why.startswith("optimized: left out `trainer.offload_checkpoints=true") and why.endswith("(no CUDA GPU)")
+    assert "trainer.micro_batch_size=2" in concrete and not any("offload" in o or "sublayers" in o for o in concrete)
+    assert gpu_settings(variant) == (False, False, False, 2)
+
+
+def test_cuda_only_overrides_the_recipe_refuses_are_left_out_with_its_reason(recipe_of, monkeypatch):
+    # no gradient checkpointing: nothing to offload or split by sublayer; the rest of optimized still runs
+    concrete, variant, why = optimized_on(recipe_of, monkeypatch, GPU, "trainer.gradient_checkpointing=false")
+    assert "trainer.offload_checkpoints=true moves what reentrant gradient checkpointing saves" in why
+    assert concrete == optimized_on(recipe_of, monkeypatch, Device(), "trainer.gradient_checkpointing=false")[0]
+    assert not variant.recipe.trainer.offload_checkpoints and variant.recipe.trainer.torch_compile
 
 
 @pytest.mark.parametrize("override", ["trainer.nope>=2", "trainer.micro_batch_size>=two", "trainer>=2"])
