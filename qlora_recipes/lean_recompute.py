@@ -112,26 +112,28 @@ class DiscardedOutput(torch.autograd.Function):
         return grad_x, grad_hidden, flat.to(lora_weight.dtype), None, None, None, None
 
 
-def replaceable(layer: Any) -> bool:
-    """A LoRA layer whose recompute DiscardedOutput can stand in for (checked at every recompute: adapters can be
-    switched)."""
+def replaceable(layer: Any) -> str | None:
+    """The active adapter of a LoRA layer whose recompute DiscardedOutput can stand in for, else None (checked at
+    every recompute: adapters can be switched)."""
     base = layer.base_layer
     adapters = [name for name in layer.active_adapters if name in layer.lora_A]
     if layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] in layer.lora_variant:
-        return False
+        return None
     if base.weight.requires_grad or layer.lora_B[adapters[0]].bias is not None:
-        return False
+        return None
     state = getattr(base.weight, "quant_state", None)
     if state is None:
-        return type(base) is torch.nn.Linear
-    return getattr(base, "routed", False) or len(state.shape) == 2
+        kind_ok = type(base) is torch.nn.Linear
+    else:
+        kind_ok = getattr(base, "routed", False) or len(state.shape) == 2
+    return adapters[0] if kind_ok else None
 
 
 def forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     """PEFT's forward, except in a sublayer's recompute (see the module's docstring)."""
-    if not (RECOMPUTE.active and torch.is_grad_enabled() and not args and not kwargs and replaceable(self)):
+    adapter = RECOMPUTE.active and torch.is_grad_enabled() and not args and not kwargs and replaceable(self)
+    if not adapter:
         return super(type(self), self).forward(x, *args, **kwargs)
-    (adapter,) = [name for name in self.active_adapters if name in self.lora_A]
     lora_A, lora_B = self.lora_A[adapter], self.lora_B[adapter]
     device = x.device.type
     autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
