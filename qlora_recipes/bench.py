@@ -415,26 +415,26 @@ def variant_overrides(
     """A variant's concrete overrides, its resolved recipe, and why its `cuda:KEY=VALUE` overrides were left out (None
     when it has none or they apply). Those apply where the variant trains on a CUDA GPU and the recipe admits them
     together (the checkpoint offload needs a GPU; sublayer checkpoints need reentrant checkpointing, one whole model
-    per GPU and backend=hf): a bench of any recipe runs its fastest valid settings, and says which it could not."""
-    from qlora_recipes.cli import resolve_overrides
+    per GPU and backend=hf): a bench of any recipe runs its fastest valid settings, and says which it could not. An
+    override that does not compose (an unknown key, a bad value) fails on every device, cuda: or not."""
+    from qlora_recipes.compose import compose, with_default_recipe
+    from qlora_recipes.resolve import resolve
 
     common = at_least([o for o in extra if not o.startswith(CUDA_ONLY)], resolved.recipe)
     cuda_only = at_least([o.removeprefix(CUDA_ONLY) for o in extra if o.startswith(CUDA_ONLY)], resolved.recipe)
+    keys = {o.partition("=")[0] for o in cuda_only}
+    concrete = [*(o for o in common if o.partition("=")[0] not in keys), *cuda_only]
+    with_cuda, _ = compose(with_default_recipe([*overrides, *concrete, traced]))
     why = None
     if cuda_only and resolved.device.kind != "cuda":
         why = "no CUDA GPU"
     elif cuda_only:
-        keys = {o.partition("=")[0] for o in cuda_only}
-        concrete = [*(o for o in common if o.partition("=")[0] not in keys), *cuda_only]
         try:
-            variant, _ = resolve_overrides([*overrides, *concrete, traced])
-            return concrete, variant, None
-        except RecipeError as exc:
+            return concrete, resolve(with_cuda, resolved.device), None
+        except RecipeError as exc:  # the recipe's checks refuse them together
             why = str(exc)
-    variant, _ = resolve_overrides([*overrides, *common, traced])
-    if why:
-        why = f"{name}: left out `{' '.join(cuda_only)}` ({why})"
-    return common, variant, why
+    variant = resolve(compose(with_default_recipe([*overrides, *common, traced]))[0], resolved.device)
+    return common, variant, f"{name}: left out `{' '.join(cuda_only)}` ({why})" if why else None
 
 
 def rows_needed(recipe: Any, steps: int) -> int:

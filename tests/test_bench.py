@@ -158,11 +158,11 @@ GPU = Device(kind="cuda", count=1, bf16=True, memory_gib=140.0)
 TRACED = bench.traced_steps(None)
 
 
-def optimized_on(recipe_of, monkeypatch, device, *overrides):
-    """The default optimized variant's concrete overrides, resolved recipe and left-out note on `device`."""
-    monkeypatch.setattr(cli, "probe_device", lambda: device)
+def optimized_on(recipe_of, device, *overrides, extra=None):
+    """The default optimized variant's (or `extra`'s) concrete overrides, resolved recipe and left-out note on
+    `device`."""
     overrides = ["+recipe=llama2_chatml", *overrides]
-    extra = bench.parse_variants(BenchConfig().variants)["optimized"]
+    extra = extra or bench.parse_variants(BenchConfig().variants)["optimized"]
     return bench.variant_overrides("optimized", extra, overrides, recipe_of(*overrides, device=device), TRACED)
 
 
@@ -171,8 +171,8 @@ def gpu_settings(variant):
     return t.offload_checkpoints, t.checkpoint_sublayers, t.lean_recompute, t.micro_batch_size
 
 
-def test_cuda_only_overrides_apply_on_a_gpu(recipe_of, monkeypatch):
-    concrete, variant, why = optimized_on(recipe_of, monkeypatch, GPU)
+def test_cuda_only_overrides_apply_on_a_gpu(recipe_of):
+    concrete, variant, why = optimized_on(recipe_of, GPU)
     assert why is None
     assert concrete[-4:] == [
         "trainer.offload_checkpoints=true",
@@ -186,19 +186,25 @@ def test_cuda_only_overrides_apply_on_a_gpu(recipe_of, monkeypatch):
     assert t.torch_compile and t.lazy_metrics and t.batch_size == 4
 
 
-def test_cuda_only_overrides_are_left_out_on_cpu(recipe_of, monkeypatch):
-    concrete, variant, why = optimized_on(recipe_of, monkeypatch, Device())
+def test_cuda_only_overrides_are_left_out_on_cpu(recipe_of):
+    concrete, variant, why = optimized_on(recipe_of, Device())
     assert why.startswith("optimized: left out `trainer.offload_checkpoints=true") and why.endswith("(no CUDA GPU)")
     assert "trainer.micro_batch_size=2" in concrete and not any("offload" in o or "sublayers" in o for o in concrete)
     assert gpu_settings(variant) == (False, False, False, 2)
 
 
-def test_cuda_only_overrides_the_recipe_refuses_are_left_out_with_its_reason(recipe_of, monkeypatch):
+def test_cuda_only_overrides_the_recipe_refuses_are_left_out_with_its_reason(recipe_of):
     # no gradient checkpointing: nothing to offload or split by sublayer; the rest of optimized still runs
-    concrete, variant, why = optimized_on(recipe_of, monkeypatch, GPU, "trainer.gradient_checkpointing=false")
+    concrete, variant, why = optimized_on(recipe_of, GPU, "trainer.gradient_checkpointing=false")
     assert "trainer.offload_checkpoints=true moves what reentrant gradient checkpointing saves" in why
-    assert concrete == optimized_on(recipe_of, monkeypatch, Device(), "trainer.gradient_checkpointing=false")[0]
+    assert concrete == optimized_on(recipe_of, Device(), "trainer.gradient_checkpointing=false")[0]
     assert not variant.recipe.trainer.offload_checkpoints and variant.recipe.trainer.torch_compile
+
+
+@pytest.mark.parametrize("device", [GPU, Device()])
+def test_a_cuda_only_override_that_does_not_compose_fails_on_any_device(recipe_of, device):
+    with pytest.raises(RecipeError, match="Unknown key 'trainer.offload_checkpoint'"):
+        optimized_on(recipe_of, device, extra=["trainer.torch_compile=true", "cuda:trainer.offload_checkpoint=true"])
 
 
 @pytest.mark.parametrize("override", ["trainer.nope>=2", "trainer.micro_batch_size>=two", "trainer>=2"])
