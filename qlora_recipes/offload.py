@@ -12,6 +12,13 @@ The last input stored is still on the GPU when the backward starts, which needs 
 Backward: the blocks come back in reverse order, and fetching one block's input also starts the copy of the block
 before it, so each is on the GPU before its recompute needs it and at most two are there at once.
 
+Side tensors (`hooks(side=True)`: the outputs keep_projections.py saves right after a checkpoint, for that
+checkpoint's recompute) are stored back to back, with no compute between them. So a side tensor is held until the
+next checkpoint input after the one that follows it (the next sublayer has run by then) instead of being let go by
+the next store, whose wait on its copy would stall the compute stream; and fetching a tensor fetches all the side
+tensors before it together with the next checkpoint input, which the backward unpacks back to back (on the Llama-2-7B
+shape, waiting for each in turn made the step 1.22x longer: docs/gpu.md call BO).
+
 It takes reentrant checkpointing (`torch.utils.checkpoint` with use_reentrant=True), whose checkpoint function saves
 the block's tensor inputs with `save_for_backward`, where saved-tensor hooks reach them; the non-reentrant
 checkpoint keeps its inputs by reference instead. Without CUDA the same bookkeeping runs with plain copies (tests)."""
@@ -30,15 +37,16 @@ class Stored:
     until the offloader releases it; while fetched, its device copy and the event that says it has arrived; and
     (weakly) the tensor offloaded just before it, which the backward needs next."""
 
-    __slots__ = ("host", "copied", "source", "fetched", "ready", "previous", "__weakref__")
+    __slots__ = ("host", "copied", "source", "fetched", "ready", "previous", "side", "__weakref__")
 
-    def __init__(self, host: Any, copied: Any, source: Any, previous: Any) -> None:
+    def __init__(self, host: Any, copied: Any, source: Any, previous: Any, side: bool = False) -> None:
         self.host = host
         self.copied = copied
         self.source = source
         self.fetched = None
         self.ready = None
         self.previous = previous
+        self.side = side
 
 
 class CheckpointOffload:
@@ -54,7 +62,7 @@ class CheckpointOffload:
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.last: Any = None  # weak reference to the latest Stored: the next one's predecessor
-        self.held: Stored | None = None  # the latest Stored while its device tensor is kept
+        self.held: list[Stored] = []  # the Stored whose device tensors are kept, oldest first
         self.stored = 0
         self.fetched = 0
 
@@ -68,12 +76,16 @@ class CheckpointOffload:
             and tensor.numel() * tensor.element_size() >= MIN_BYTES
         )
 
-    def pack(self, tensor: Any) -> Any:
+    def pack(self, tensor: Any, side: bool = False) -> Any:
         if not self.worth(tensor):
             return tensor
         import torch
 
-        self.release()
+        if not side:  # let go of all but the side tensors stored since the last checkpoint input
+            last = max((k for k, item in enumerate(self.held) if not item.side), default=-1)
+            for item in self.held[: last + 1]:
+                self.release(item)
+            self.held = self.held[last + 1 :]
         source = tensor.detach()
         copied = None
         if self.stream is None:
@@ -85,16 +97,15 @@ class CheckpointOffload:
                 host.copy_(source, non_blocking=True)
                 copied = torch.cuda.Event()
                 copied.record(self.stream)
-        item = Stored(host, copied, source, self.last)
+        item = Stored(host, copied, source, self.last, side)
         self.last = weakref.ref(item)
-        self.held = item
+        self.held.append(item)
         self.stored += 1
         return item
 
-    def release(self) -> None:
-        """Give the held tensor's memory back: the compute stream's later work waits for its copy to the host."""
-        item, self.held = self.held, None
-        if item is None or item.source is None:
+    def release(self, item: Stored) -> None:
+        """Give a held tensor's memory back: the compute stream's later work waits for its copy to the host."""
+        if item.source is None:
             return
         if item.copied is not None:
             import torch
@@ -105,9 +116,10 @@ class CheckpointOffload:
     def unpack(self, item: Any) -> Any:
         if not isinstance(item, Stored):
             return item
-        if item.source is not None:  # the last one stored, still on the device: no fetch
+        if item.source is not None:  # among the last ones stored, still on the device: no fetch
             tensor = item.source
-            self.release()  # only the held one has a source; its memory stays in use by the backward's reference
+            self.held = [other for other in self.held if other is not item]
+            self.release(item)  # its memory stays in use by the backward's reference
             self.fetch_previous(item)
             return tensor
         self.fetch(item)
@@ -120,9 +132,15 @@ class CheckpointOffload:
         return tensor
 
     def fetch_previous(self, item: Stored) -> None:
+        """Start fetching what the backward reaches next: the tensors stored before `item`, up to and including the
+        first that is not a side tensor (the input of the checkpoint before)."""
         previous = item.previous() if item.previous is not None else None
-        if previous is not None:
-            self.fetch(previous)  # the block the backward reaches next
+        while previous is not None:
+            if previous.source is None:  # not still held on the device
+                self.fetch(previous)
+            if not previous.side:
+                return
+            previous = previous.previous() if previous.previous is not None else None
 
     def fetch(self, item: Stored) -> None:
         if item.fetched is not None:
@@ -146,10 +164,15 @@ class CheckpointOffload:
 
     def checkpoint(self, checkpoint_func: Any, function: Any, *args: Any, **kwargs: Any) -> Any:
         """A module's `_gradient_checkpointing_func`, with what it saves for the backward offloaded."""
+        with self.hooks():
+            return checkpoint_func(function, *args, **kwargs)
+
+    def hooks(self, side: bool = False) -> Any:
+        """The saved-tensor hooks that move what is saved under them; `side`: tensors saved right after a checkpoint,
+        for its recompute (keep_projections.py)."""
         import torch
 
-        with torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack):
-            return checkpoint_func(function, *args, **kwargs)
+        return torch.autograd.graph.saved_tensors_hooks(functools.partial(self.pack, side=side), self.unpack)
 
     def install(self, blocks: list[Any]) -> int:
         """Route each gradient-checkpointed block through `checkpoint`, after gradient checkpointing was enabled
@@ -163,3 +186,14 @@ class CheckpointOffload:
                 block._gradient_checkpointing_func = functools.partial(self.checkpoint, func)
             count += 1
         return count
+
+
+def side_hooks(checkpoint_func: Any) -> Any:
+    """The saved-tensor hooks for side tensors of `checkpoint_func`'s checkpoints: the offloader's, when it is one of
+    the functions `CheckpointOffload.install` set, else none (a context that does nothing)."""
+    import contextlib
+
+    offloader = getattr(getattr(checkpoint_func, "func", None), "__self__", None)
+    if isinstance(checkpoint_func, functools.partial) and isinstance(offloader, CheckpointOffload):
+        return offloader.hooks(side=True)
+    return contextlib.nullcontext()

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from qlora_recipes import attention, plan
 from qlora_recipes.errors import RecipeError
 from qlora_recipes.schema import (
+    FIRST_PROJECTIONS,
     Attention,
     Backend,
     DataFormat,
@@ -467,6 +468,24 @@ def validate(resolved: Resolved) -> None:
         f"trainer.use_reentrant={str(t.use_reentrant).lower()}, lora.enabled={str(r.lora.enabled).lower()}. Set it "
         "false or change those",
     )
+    if t.keep_projections:
+        keepable = [name for names in FIRST_PROJECTIONS.values() for name in names]
+        unknown = [name for name in t.keep_projections if name not in keepable]
+        need(
+            not unknown and len(set(t.keep_projections)) == len(t.keep_projections),
+            f"trainer.keep_projections={list(t.keep_projections)}: it takes each of {', '.join(keepable)} at most "
+            "once (the projections that read a sublayer's normalized input, whose frozen output the recompute can "
+            f"reuse){'; not ' + ', '.join(unknown) if unknown else ''}. Fix the list",
+        )
+        need(
+            t.checkpoint_sublayers and t.use_reentrant and r.lora.enabled,
+            "trainer.keep_projections keeps projections' frozen outputs from a sublayer's first forward for its "
+            "recompute: it needs trainer.checkpoint_sublayers=true and trainer.use_reentrant=true (the reentrant "
+            "checkpoint's first forward, without grad) and LoRA (lora.enabled=true: frozen base layers); this run has "
+            f"trainer.checkpoint_sublayers={str(t.checkpoint_sublayers).lower()}, "
+            f"trainer.use_reentrant={str(t.use_reentrant).lower()}, lora.enabled={str(r.lora.enabled).lower()}. Set it "
+            "to [] or change those",
+        )
     if t.offload_checkpoints:
         need(
             t.gradient_checkpointing and t.use_reentrant,

@@ -601,7 +601,12 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
         torch._logging.set_logs(recompiles=True)  # each recompile (a step that stalls for seconds) says why, on stderr
     for block in blocks:
         if sublayers:
-            checkpoint_sublayers(block, compile=recipe.trainer.torch_compile, lean=recipe.trainer.lean_recompute)
+            checkpoint_sublayers(
+                block,
+                compile=recipe.trainer.torch_compile,
+                lean=recipe.trainer.lean_recompute,
+                keep=tuple(recipe.trainer.keep_projections),
+            )
         elif recipe.trainer.torch_compile:
             compile_block(block)
     if recipe.trainer.torch_compile:
@@ -612,6 +617,11 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
         )
     if sublayers:
         log.info("trainer.checkpoint_sublayers: %d blocks checkpointed as attention, then MLP", len(blocks))
+    if recipe.trainer.keep_projections:
+        log.info(
+            "trainer.keep_projections: the recomputes reuse the frozen outputs of %s from the first forward",
+            ", ".join(recipe.trainer.keep_projections),
+        )
     if recipe.trainer.lean_recompute:
         from qlora_recipes import lean_recompute
 
@@ -684,13 +694,17 @@ def mlp_sublayer(block: Any, hidden_states: Any) -> Any:
     return hidden_states + block.mlp(block.post_attention_layernorm(hidden_states))
 
 
-def checkpoint_sublayers(block: Any, compile: bool, lean: bool = False) -> None:
+def checkpoint_sublayers(block: Any, compile: bool, lean: bool = False, keep: tuple[str, ...] = ()) -> None:
     """`trainer.checkpoint_sublayers`: a decoder block's forward run as its two residual sublayers, each checkpointed
     on its own (and with `compile`, compiled: two graphs that every block shares), in place of transformers' one
     checkpoint around the block. The work is the same (each sublayer is recomputed once); the backward holds one
     sublayer's recompute at a time instead of the whole block's, for one more checkpointed input a block (the hidden
-    state between the two). The same arithmetic in the same order: the same loss, gradients and dropout masks."""
+    state between the two). The same arithmetic in the same order: the same loss, gradients and dropout masks.
+    `lean` skips each recompute's discarded products (lean_recompute.py); `keep` names the projections whose frozen
+    outputs the recomputes reuse from the first forward (keep_projections.py)."""
     import torch
+
+    from qlora_recipes import keep_projections
 
     if type(block).__name__ not in SUBLAYER_BLOCKS:
         raise RecipeError(
@@ -706,13 +720,19 @@ def checkpoint_sublayers(block: Any, compile: bool, lean: bool = False) -> None:
         from qlora_recipes.lean_recompute import run_region
 
         first, second = functools.partial(run_region, attention), functools.partial(run_region, mlp)
+    try:
+        kept = keep_projections.install(block, list(keep)) if keep else {"self_attn": 0, "mlp": 0}
+    except ValueError as error:
+        raise RecipeError(f"trainer.keep_projections={list(keep)}: {error}. Leave it out of the list") from None
 
     def forward(hidden_states: Any, **kwargs: Any) -> Any:
         if not (block.gradient_checkpointing and block.training):
             return mlp(block, attention(block, hidden_states, **kwargs))
         # no cache to keep out of the recompute: setup_model turns use_cache off under gradient checkpointing
-        hidden_states = block._gradient_checkpointing_func(functools.partial(first, block, **kwargs), hidden_states)
-        return block._gradient_checkpointing_func(functools.partial(second, block), hidden_states)
+        hidden_states = keep_projections.checkpoint(
+            block, functools.partial(first, block, **kwargs), hidden_states, kept["self_attn"]
+        )
+        return keep_projections.checkpoint(block, functools.partial(second, block), hidden_states, kept["mlp"])
 
     block.forward = forward
 

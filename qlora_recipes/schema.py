@@ -14,6 +14,9 @@ from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
+# trainer.keep_projections' choices: the projections that read a decoder sublayer's normalized input, by sublayer
+FIRST_PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+
 
 class ModelSource(Enum):
     hub_or_path = "hub_or_path"  # a hub id or a local directory, as transformers takes it
@@ -305,6 +308,11 @@ class TrainerConfig:
     # and LoRA B, whose result only feeds the discarded recomputed output; their backward is computed as before
     # (lean_recompute.py: on a Llama-2-7B shape 31% of the recompute's matrix products)
     lean_recompute: bool = False
+    # With checkpoint_sublayers (reentrant, LoRA): the projections among q_proj, k_proj, v_proj, gate_proj, up_proj
+    # whose frozen outputs the first forward keeps (beside the checkpoint: in host memory with offload_checkpoints)
+    # for the recompute to reuse instead of recomputing (keep_projections.py; q/k/v on a Llama-2-7B shape: a quarter
+    # of the recompute's matrix products for 192 MiB a block at 4 x 2,048 tokens)
+    keep_projections: List[str] = field(default_factory=list)
     liger: bool = False  # Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (CUDA, SFT; liger-kernel installed)
     # torch.compile each decoder block in place (one compile serves all the identical blocks): fewer, fused
     # kernels and far less Python per step; the first steps compile (~2 min on a 7B shape, docs/performance.md)

@@ -21,8 +21,8 @@ class Traced(CheckpointOffload):
         super().__init__(device)
         self.events, self.ids, self.items = [], {}, []
 
-    def pack(self, tensor):
-        item = super().pack(tensor)
+    def pack(self, tensor, side=False):
+        item = super().pack(tensor, side=side)
         if isinstance(item, Stored):
             self.ids[id(item)] = len(self.ids)
             self.items.append(item)
@@ -72,7 +72,7 @@ def test_backward_fetches_each_block_input_one_block_ahead(monkeypatch):
         ("unpack", 1), ("fetch", 0),
         ("unpack", 0),
     ]  # fmt: skip
-    assert traced.stored == 4 and traced.fetched == 3 and traced.held is None
+    assert traced.stored == 4 and traced.fetched == 3 and traced.held == []
     assert all(item.source is None for item in traced.items)
     got = [x.grad, *(p.grad for b in blocks for p in b.parameters())]
     for a, b in zip(got, expected, strict=True):
@@ -161,3 +161,56 @@ def test_offloaded_checkpoints_free_gpu_memory_and_keep_the_gradients():
     assert grown <= 4 * size
     for a, b in zip(offloaded, kept, strict=True):
         assert torch.equal(a, b)
+
+
+def test_kept_projections_are_offloaded_beside_the_checkpoints_and_fetched_in_turn(
+    recipe_of, tiny_checkpoint, monkeypatch
+):
+    """trainer.keep_projections with the offloader (tiny 4-bit Llama, sublayer checkpoints): q/k/v's kept outputs go
+    through the same hooks as the checkpoints' inputs, five tensors a block in the forward, and the backward unpacks
+    them in exactly the reverse order, each fetched once, one ahead; the loss and gradients equal those without it."""
+    from qlora_recipes.runner import tune_blocks
+
+    monkeypatch.setattr(offload, "MIN_BYTES", 1024)
+    results = {}
+    for keep in ("[]", "[q_proj,k_proj,v_proj]"):
+        recipe, model = tiny_model(
+            recipe_of,
+            tiny_checkpoint,
+            "lora.dropout=0.1",
+            "trainer.gradient_checkpointing=true",
+            "trainer.use_reentrant=true",
+            "trainer.checkpoint_sublayers=true",
+            f"trainer.keep_projections={keep}",
+        )
+        train_checkpointed(model)
+        tune_blocks(model, recipe)
+        traced = Traced(model.device)
+        traced.install(decoder_blocks(model))
+        torch.manual_seed(1)
+        ids = torch.arange(3, 53).unsqueeze(0)
+        loss = model(input_ids=ids, labels=ids).loss
+        held = [item.source is not None for item in traced.items]  # between the forward and the backward
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results[keep] = loss.detach(), grads, traced, held
+    (loss, grads, plain, _), (kept_loss, kept_grads, traced, held) = results["[]"], results["[q_proj,k_proj,v_proj]"]
+    assert plain.stored == 4 and traced.stored == 10  # 2 blocks: 2 inputs, or 2 inputs and 3 kept outputs
+    packs = [k for event, k in traced.events if event == "pack"]
+    unpacks = [k for event, k in traced.events if event == "unpack"]
+    fetches = [k for event, k in traced.events if event == "fetch"]
+    assert packs == list(range(10)) and unpacks == packs[::-1]
+    # each block stores its attention input, q, k, v, then its MLP input; after the forward the last block's kept
+    # outputs and MLP input (6-9) are still held, and the backward uses them in place. Unpacking a checkpoint's
+    # input fetches everything the backward unpacks before the next checkpoint input, that one included: after
+    # the first block's MLP input (4), its v, k, q and attention input (3-0) at once
+    assert held == [False] * 6 + [True] * 4
+    assert fetches == [5, 4, 3, 2, 1, 0] and traced.fetched == 6 and traced.held == []
+    mlp_input = traced.events.index(("unpack", 4))
+    assert traced.events[mlp_input + 1 : mlp_input + 6] == [*(("fetch", k) for k in (3, 2, 1, 0)), ("unpack", 3)]
+    for k in fetches:
+        assert traced.events.index(("fetch", k)) < traced.events.index(("unpack", k))
+    assert torch.equal(kept_loss, loss)
+    assert kept_grads.keys() == grads.keys() and len(grads) == 28
+    for name, grad in grads.items():
+        torch.testing.assert_close(kept_grads[name], grad, rtol=1e-5, atol=1e-7)

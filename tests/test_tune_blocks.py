@@ -525,6 +525,29 @@ def test_a_run_with_sublayer_checkpoints_trains_generates_and_saves_a_loadable_a
     assert json.loads((run_dir / "eval.json").read_text())["reload_max_abs_logit_diff"] < 1e-4
 
 
+def sublayer_step(recipe_of, tiny_checkpoint, quant, compiled, *overrides):
+    """The tiny Llama with LoRA dropout on reentrant sublayer checkpoints (and `overrides`) after one step (which
+    compiles when `compiled`): a seeded step's loss and gradients, then the matrix products of a backward."""
+    recipe, model = tiny_model(
+        recipe_of,
+        tiny_checkpoint,
+        *f"quant={quant}".split(),
+        "lora.dropout=0.1",
+        "trainer.gradient_checkpointing=true",
+        "trainer.use_reentrant=true",
+        f"trainer.torch_compile={str(compiled).lower()}",
+        "trainer.checkpoint_sublayers=true",
+        *overrides,
+    )
+    train_checkpointed(model)
+    torch._dynamo.reset()
+    tune_blocks(model, recipe)
+    loss_and_grads(model)  # compiles
+    torch.manual_seed(1)
+    loss, grads = loss_and_grads(model)
+    return loss, grads, backward_matmuls(model)
+
+
 @pytest.mark.parametrize(
     "quant,compiled",
     [("none", False), ("none", True), ("nf4", False), ("nf4", True), ("nf4 quant.compiled_dequant=true", True)],
@@ -536,26 +559,10 @@ def test_lean_recompute_skips_the_discarded_products_and_keeps_the_gradients(
     nn.Linear, bitsandbytes' 4-bit layers and the routed nf4 layers (dequant.py), eager and compiled: the same loss
     and gradients as without it, from fewer matrix products in the backward (with nn.Linear bases: the base and
     LoRA B products of o_proj and down_proj in each recompute, 4 a block)."""
-    results = {}
-    for lean in (False, True):
-        recipe, model = tiny_model(
-            recipe_of,
-            tiny_checkpoint,
-            *f"quant={quant}".split(),
-            "lora.dropout=0.1",
-            "trainer.gradient_checkpointing=true",
-            "trainer.use_reentrant=true",
-            f"trainer.torch_compile={str(compiled).lower()}",
-            "trainer.checkpoint_sublayers=true",
-            f"trainer.lean_recompute={str(lean).lower()}",
-        )
-        train_checkpointed(model)
-        torch._dynamo.reset()
-        tune_blocks(model, recipe)
-        loss_and_grads(model)  # compiles
-        torch.manual_seed(1)
-        loss, grads = loss_and_grads(model)
-        results[lean] = loss, grads, backward_matmuls(model)
+    results = {
+        lean: sublayer_step(recipe_of, tiny_checkpoint, quant, compiled, f"trainer.lean_recompute={str(lean).lower()}")
+        for lean in (False, True)
+    }
     (loss, grads, products), (lean_loss, lean_grads, lean_products) = results[False], results[True]
     assert lean_products < products
     if quant == "none":
@@ -610,3 +617,51 @@ def test_lean_recompute_needs_a_layer_it_can_replace(recipe_of, tiny_checkpoint)
     )
     with pytest.raises(RecipeError, match="no sublayer ends in a LoRA layer"):
         tune_blocks(model, recipe)
+
+
+@pytest.mark.parametrize(
+    "quant,compiled,keep",
+    [
+        ("none", False, "q_proj,k_proj,v_proj"),
+        ("none", True, "q_proj,k_proj,v_proj"),
+        ("nf4", False, "q_proj,k_proj,v_proj,gate_proj,up_proj"),
+        ("nf4", True, "q_proj,k_proj,v_proj"),
+        ("nf4 quant.compiled_dequant=true", True, "q_proj,k_proj,v_proj,up_proj"),
+    ],
+)
+def test_kept_projections_spare_the_recompute_their_products_and_keep_the_gradients(
+    recipe_of, tiny_checkpoint, quant, compiled, keep
+):
+    """trainer.keep_projections on sublayer checkpoints with lean recompute and LoRA dropout (float32 tiny Llama;
+    nn.Linear, bitsandbytes' 4-bit and routed nf4 bases; eager and compiled): the same loss and gradients as without
+    it, with one base product fewer in the backward for each kept projection of each block (nn.Linear bases), and
+    nothing left over between steps."""
+    from qlora_recipes.keep_projections import KEPT
+
+    results = {}
+    for kept in ("[]", f"[{keep}]"):
+        overrides = ("trainer.lean_recompute=true", f"trainer.keep_projections={kept}")
+        results[kept] = sublayer_step(recipe_of, tiny_checkpoint, quant, compiled, *overrides)
+        assert not KEPT.items and not KEPT.collect
+    (loss, grads, products), (kept_loss, kept_grads, kept_products) = results["[]"], results[f"[{keep}]"]
+    assert kept_products < products
+    if quant == "none":
+        assert kept_products == products - 2 * len(keep.split(","))  # 2 blocks
+    assert torch.equal(kept_loss, loss)  # the forward is untouched
+    assert kept_grads.keys() == grads.keys() and len(grads) == 28
+    bad = [n for n, g in grads.items() if not torch.allclose(kept_grads[n], g, rtol=1e-5, atol=1e-7)]
+    assert not bad, [n.split("model.layers.")[-1].replace(".default.weight", "") for n in bad]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.keep_projections=[q_proj,o_proj]"], "at most once .* not o_proj"),
+        (["trainer.keep_projections=[q_proj,q_proj]"], "at most once"),
+        (["trainer.checkpoint_sublayers=false"], "needs trainer.checkpoint_sublayers=true"),
+    ],
+)
+def test_keep_projections_refuses_what_it_cannot_keep(recipe_of, overrides, message):
+    base = ["trainer.gradient_checkpointing=true", "trainer.use_reentrant=true", "trainer.checkpoint_sublayers=true"]
+    with pytest.raises(RecipeError, match=message):
+        recipe_of(*base, "trainer.keep_projections=[q_proj,k_proj,v_proj]", *overrides)
