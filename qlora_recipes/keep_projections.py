@@ -33,9 +33,10 @@ from qlora_recipes.schema import FIRST_PROJECTIONS
 
 class _Kept:
     """The first forward's kept outputs (`collect` set: appended) and, in the backward, the ones the next recompute
-    takes (read inside the compiled sublayers, so each state is its own graph)."""
+    (`replay` set) takes (read inside the compiled sublayers, so each state is its own graph)."""
 
     collect = False
+    replay = False
     items: list[torch.Tensor] = []
 
 
@@ -65,7 +66,7 @@ def forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tens
         out = super(type(self), self).forward(x, *args, **kwargs)
         KEPT.items.append(out)
         return out
-    if KEPT.items and torch.is_grad_enabled() and not args and not kwargs:
+    if KEPT.replay and KEPT.items and torch.is_grad_enabled() and not args and not kwargs:
         kept = KEPT.items.pop()
         if kept.shape[:-1] != x.shape[:-1] or kept.shape[-1] != self.out_features:
             raise RuntimeError(
@@ -101,6 +102,17 @@ class Carry(torch.autograd.Function):
         return grad, None
 
 
+def replaying(function: Any, *args: Any) -> Any:
+    """A checkpointed sublayer's function: in its recompute (with grad), the routed layers take the kept outputs."""
+    if not torch.is_grad_enabled():
+        return function(*args)
+    KEPT.replay = True
+    try:
+        return function(*args)
+    finally:
+        KEPT.replay = False
+
+
 def checkpoint(block: Any, function: Any, hidden_states: Any, count: int) -> Any:
     """`block._gradient_checkpointing_func(function, hidden_states)`, keeping the outputs of the sublayer's `count`
     routed layers for its recompute (only with grad: without, there is no backward to keep them for)."""
@@ -110,7 +122,7 @@ def checkpoint(block: Any, function: Any, hidden_states: Any, count: int) -> Any
     KEPT.items.clear()  # left by a backward that did not finish
     KEPT.collect = True
     try:
-        out = checkpoint_func(function, hidden_states)
+        out = checkpoint_func(functools.partial(replaying, function), hidden_states)
     finally:
         KEPT.collect = False
     kept = list(KEPT.items)
