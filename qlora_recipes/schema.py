@@ -377,7 +377,8 @@ class BenchConfig:
     # the variant trains on a CUDA GPU and the recipe admits them together, else are left out and bench says why);
     # the default: the original flow beside this project's speed settings, both on the recipe's own settings (the
     # optimized micro-batch is at least 2 sequences: llama2_chatml's 1 x 4 becomes 2 x 2, same batch; on a GPU, 4 x 1
-    # with the checkpoints offloaded to host memory, checkpointed by sublayer, recomputed lean: docs/performance.md)
+    # with the checkpoints offloaded to host memory, checkpointed by sublayer, recomputed lean, q/k/v's frozen outputs
+    # kept for the recompute: docs/performance.md)
     variants: List[str] = field(
         default_factory=lambda: [
             "plain: trainer.torch_compile=false trainer.liger=false trainer.cudnn_attention=true "
@@ -386,7 +387,8 @@ class BenchConfig:
             "optimized: trainer.torch_compile=true model.attn_implementation=fastest trainer.expandable_segments=true "
             "quant.upcast_unquantized=false trainer.micro_batch_size>=2 trainer.lazy_metrics=true "
             "trainer.async_inputs=true cuda:trainer.offload_checkpoints=true cuda:trainer.checkpoint_sublayers=true "
-            "cuda:trainer.lean_recompute=true cuda:trainer.micro_batch_size>=4",
+            "cuda:trainer.lean_recompute=true cuda:trainer.keep_projections=[q_proj,k_proj,v_proj] "
+            "cuda:trainer.micro_batch_size>=4",
         ]
     )
     profile: bool = False  # trace the last measured step of each variant with torch.profiler (left out of the figures)

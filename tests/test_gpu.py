@@ -70,8 +70,8 @@ def test_varlen_attention_matches_each_sequence_run_alone(tiny_checkpoint, packe
 def test_optimized_variant_follows_the_plain_loss_curve(tmp_path, cuda_only):
     """Issue 6's faithfulness rule on a model that learns: bench's default `plain` and `optimized` variants train the
     same packed data with the same seed for 50 steps; every logged loss of optimized stays within 1% of plain's. On a
-    GPU optimized includes its cuda: settings (checkpoint offload, sublayer checkpoints, lean recompute, micro-batch 4);
-    the second case runs it without them, as it runs off a GPU."""
+    GPU optimized includes its cuda: settings (checkpoint offload, sublayer checkpoints, lean recompute, kept q/k/v,
+    micro-batch 4); the second case runs it without them, as it runs off a GPU."""
     import json
 
     from qlora_recipes import bench, cli
@@ -145,9 +145,10 @@ def test_compiled_dequant_matches_bitsandbytes_on_cuda():
 def test_offloaded_checkpoints_train_like_kept_ones(tmp_path, monkeypatch):
     """trainer.offload_checkpoints through the runner (tiny 4-bit Llama, reentrant checkpointing, bf16, packed), with
     one checkpoint a block and with trainer.checkpoint_sublayers (two; also with trainer.lean_recompute, whose
-    recompute computes the last layers' gradients itself, under autocast): the checkpointed inputs do go to host memory
-    (all but each forward's last, which the backward uses in place, come back), and every step's loss equals the one
-    with the checkpoints kept on the GPU."""
+    recompute computes the last layers' gradients itself, under autocast, and with trainer.keep_projections, whose
+    q/k/v outputs go to host memory beside the checkpoints): the checkpointed inputs do go to host memory (all but
+    each forward's last, which the backward uses in place, come back), and every step's loss equals the one with the
+    checkpoints kept on the GPU."""
     import json
 
     from conftest import TINY_TRAIN
@@ -177,19 +178,28 @@ def test_offloaded_checkpoints_train_like_kept_ones(tmp_path, monkeypatch):
             "trainer.checkpoint_sublayers=true",
             "trainer.lean_recompute=true",
         ],
+        "projections": [
+            "trainer.offload_checkpoints=true",
+            "trainer.checkpoint_sublayers=true",
+            "trainer.lean_recompute=true",
+            "trainer.keep_projections=[q_proj,k_proj,v_proj]",
+        ],
     }.items():
         out = tmp_path / name
         assert cli.main(["run", *base, *extra, f"output_dir={out}"]) == 0
         curves[name] = [row["loss"] for row in json.loads((out / "metrics.json").read_text())["train"]["loss_curve"]]
-    assert len(made) == 3
-    for off, regions in zip(made, (2, 4, 4), strict=True):  # 2 blocks: 2 checkpoints a micro-batch, or 4
-        micro_batches = off.stored // regions
-        assert micro_batches >= 8 and off.stored == regions * micro_batches
-        assert off.fetched == (regions - 1) * micro_batches
+    assert len(made) == 4
+    # 2 blocks: 2 checkpoints a micro-batch, or 4, or 4 and q/k/v's 3 outputs a block, of which the last checkpoint and
+    # the 3 outputs stored just before it are used in place
+    for off, stored, fetched in zip(made, (2, 4, 4, 10), (1, 3, 3, 6), strict=True):
+        micro_batches = off.stored // stored
+        assert micro_batches >= 8 and off.stored == stored * micro_batches
+        assert off.fetched == fetched * micro_batches
     assert len(curves["offloaded"]) == 8
     assert curves["offloaded"] == pytest.approx(curves["kept"], rel=1e-4)
     assert curves["sublayers"] == pytest.approx(curves["kept"], rel=1e-4)
     assert curves["lean"] == pytest.approx(curves["kept"], rel=1e-4)
+    assert curves["projections"] == pytest.approx(curves["kept"], rel=1e-4)
 
 
 def test_traced_step_names_what_is_live_at_its_memory_peak(train_run):
