@@ -169,21 +169,14 @@ def test_offloaded_checkpoints_train_like_kept_ones(tmp_path, monkeypatch):
         "trainer.task_eval_samples=0",
     ]
     curves = {}
+    sublayers = ["trainer.offload_checkpoints=true", "trainer.checkpoint_sublayers=true"]
+    lean = [*sublayers, "trainer.lean_recompute=true"]
     for name, extra in {
         "kept": ["trainer.offload_checkpoints=false"],
         "offloaded": ["trainer.offload_checkpoints=true"],
-        "sublayers": ["trainer.offload_checkpoints=true", "trainer.checkpoint_sublayers=true"],
-        "lean": [
-            "trainer.offload_checkpoints=true",
-            "trainer.checkpoint_sublayers=true",
-            "trainer.lean_recompute=true",
-        ],
-        "projections": [
-            "trainer.offload_checkpoints=true",
-            "trainer.checkpoint_sublayers=true",
-            "trainer.lean_recompute=true",
-            "trainer.keep_projections=[q_proj,k_proj,v_proj]",
-        ],
+        "sublayers": sublayers,
+        "lean": lean,
+        "projections": [*lean, "trainer.keep_projections=[q_proj,k_proj,v_proj]"],
     }.items():
         out = tmp_path / name
         assert cli.main(["run", *base, *extra, f"output_dir={out}"]) == 0
