@@ -423,6 +423,13 @@ def validate(resolved: Resolved) -> None:
         "change those",
     )
     need(
+        not lora.fused_add or (lora.enabled and r.backend is Backend.hf and not plan.shards_parameters(r)),
+        f"lora.fused_add=true computes each LoRA layer's B product, scale and add as one matrix product; this run has "
+        f"lora.enabled={str(lora.enabled).lower()}, backend={r.backend.value}, dist={backend.value}. It needs LoRA, "
+        "backend=hf and one whole model per GPU (dist=single or ddp: it reads lora_B's weight directly, not through "
+        "ZeRO-3's or FSDP's hooks). Set it false or change those",
+    )
+    need(
         t.activation_memory_budget == 1 or not lora.enabled or lora.dropout == 0,
         f"trainer.activation_memory_budget={t.activation_memory_budget} with lora.dropout={lora.dropout}: below 1, "
         "torch's partitioner may recompute the dropout in the backward with fresh random numbers, and the gradients "

@@ -560,7 +560,8 @@ COMPILE_VARIANTS = 16  # recompile room per compiled block (see tune_blocks)
 
 def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
     """Per-block speed settings, before accelerate wraps the model: `lora.lean_dropout` folds each LoRA layer's
-    dropout into its A projection (lean_dropout.py), `quant.compiled_dequant` routes the nf4 layers
+    dropout into its A projection (lean_dropout.py), `lora.fused_add` makes its B product, scale and add one
+    addmm (fused_add.py), `quant.compiled_dequant` routes the nf4 layers
     through torch-op dequantization (dequant.py), `trainer.torch_compile` compiles each decoder
     block in place (the blocks share one compiled graph; parameter names stay as they are),
     `trainer.checkpoint_sublayers` checkpoints (and compiles) each block as attention, then MLP, and
@@ -570,6 +571,13 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
 
         log.info(
             "lora.lean_dropout: %d LoRA layers keep their input, not a dropped-out copy", lean_dropout.install(model)
+        )
+    if recipe.lora.fused_add:  # before compiling, as above; lean_recompute's routing subclasses this one
+        from qlora_recipes import fused_add
+
+        log.info(
+            "lora.fused_add: %d LoRA layers add their B product to the base output in one addmm",
+            fused_add.install(model),
         )
     sublayers = recipe.trainer.checkpoint_sublayers
     if not (recipe.trainer.torch_compile or plan.zero3_leaf_blocks(recipe) or sublayers):

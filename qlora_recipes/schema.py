@@ -218,6 +218,10 @@ class LoraConfig:
     # nn.Dropout's. A 7B-shaped block keeps 32% less on CPU, but on an H200 it ran 0.90x with 0.04 GiB less (docs/
     # gpu.md, twentieth session): no gain there. Needs lora.dropout > 0, no DoRA, one model per GPU
     lean_dropout: bool = False
+    # Each layer's lora_B product, scale and add to the base output as one matrix product (torch.addmm; fused_add.py):
+    # one full-width tensor less written and read a layer in the forward, one scaling pass less in the backward.
+    # Same arithmetic to float rounding. Needs LoRA, backend=hf, one model per GPU
+    fused_add: bool = False
 
 
 @dataclass

@@ -525,9 +525,9 @@ def test_a_run_with_sublayer_checkpoints_trains_generates_and_saves_a_loadable_a
     assert json.loads((run_dir / "eval.json").read_text())["reload_max_abs_logit_diff"] < 1e-4
 
 
-def sublayer_step(recipe_of, tiny_checkpoint, quant, compiled, *overrides):
-    """The tiny Llama with LoRA dropout on reentrant sublayer checkpoints (and `overrides`) after one step (which
-    compiles when `compiled`): a seeded step's loss and gradients, then the matrix products of a backward."""
+def sublayer_model(recipe_of, tiny_checkpoint, quant, compiled, *overrides):
+    """The tiny Llama with LoRA dropout on reentrant sublayer checkpoints (and `overrides`), its blocks tuned
+    (compiled when `compiled`) and ready to train."""
     recipe, model = tiny_model(
         recipe_of,
         tiny_checkpoint,
@@ -542,6 +542,13 @@ def sublayer_step(recipe_of, tiny_checkpoint, quant, compiled, *overrides):
     train_checkpointed(model)
     torch._dynamo.reset()
     tune_blocks(model, recipe)
+    return model
+
+
+def sublayer_step(recipe_of, tiny_checkpoint, quant, compiled, *overrides):
+    """sublayer_model after one step (which compiles when `compiled`): a seeded step's loss and gradients, then the
+    matrix products of a backward."""
+    model = sublayer_model(recipe_of, tiny_checkpoint, quant, compiled, *overrides)
     loss_and_grads(model)  # compiles
     torch.manual_seed(1)
     loss, grads = loss_and_grads(model)
@@ -617,6 +624,98 @@ def test_lean_recompute_needs_a_layer_it_can_replace(recipe_of, tiny_checkpoint)
     )
     with pytest.raises(RecipeError, match="no sublayer ends in a LoRA layer"):
         tune_blocks(model, recipe)
+
+
+def step_addmms(model, length=50):
+    """How many aten::addmm calls one training step runs, forward and backward (compiled code's included)."""
+    ids = torch.arange(3, 3 + length, device=model.device).unsqueeze(0)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::addmm")
+
+
+@pytest.mark.parametrize(
+    "quant,compiled,overrides,addmms",
+    [
+        ("none", False, (), 28),
+        ("none", True, (), 28),
+        ("nf4", True, (), 28),
+        ("nf4", False, ("trainer.lean_recompute=true",), 24),
+        ("none", True, ("trainer.lean_recompute=true", "trainer.keep_projections=[q_proj,k_proj,v_proj]"), 24),
+        ("nf4", True, ("trainer.lean_recompute=true", "trainer.keep_projections=[q_proj,k_proj,v_proj]"), 24),
+    ],
+)
+def test_fused_add_keeps_the_loss_and_gradients(recipe_of, tiny_checkpoint, quant, compiled, overrides, addmms):
+    """lora.fused_add on sublayer checkpoints with LoRA dropout (float32 tiny Llama; nn.Linear and 4-bit bases, eager
+    and compiled, alone and under lean_recompute and keep_projections): the same loss and gradients as PEFT's layers,
+    with each layer's B product, scale and add one addmm in the first forward (14 layers) and in each recompute (14;
+    10 with lean_recompute, which skips o_proj's and down_proj's)."""
+    results = {}
+    for fused in (False, True):
+        step = f"lora.fused_add={str(fused).lower()}"
+        results[fused] = sublayer_step(recipe_of, tiny_checkpoint, quant, compiled, *overrides, step)
+    (loss, grads, products), (fused_loss, fused_grads, fused_matmuls) = results[False], results[True]
+    assert fused_matmuls == products  # the backward's products: lora_B's two, the base's, lora_A's
+    torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=0)
+    assert fused_grads.keys() == grads.keys() and len(grads) == 28
+    # float32 rounding apart (the GEMM scales and adds before rounding): ~1e-6 of each gradient's largest element
+    bad = [n for n, g in grads.items() if (fused_grads[n] - g).abs().max() > 1e-5 * g.abs().max()]
+    assert not bad, [n.split("model.layers.")[-1].replace(".default.weight", "") for n in bad]
+    for fused, count in ((False, 0), (True, addmms)):
+        step = f"lora.fused_add={str(fused).lower()}"
+        model = sublayer_model(recipe_of, tiny_checkpoint, quant, compiled, *overrides, step)
+        step_addmms(model)  # compiles
+        assert step_addmms(model) == count
+
+
+def test_fused_add_leaves_layers_it_does_not_know_to_peft(recipe_of, tiny_checkpoint):
+    """The routed layers compute PEFT's output (float32: to rounding); a layer switched to a state the fused forward
+    does not compute (merged adapters, adapters disabled) runs PEFT's own forward, as does one whose base output and
+    LoRA side differ in dtype (PEFT's promotion, exactly)."""
+    from qlora_recipes import fused_add
+
+    recipe, model = tiny_model(recipe_of, tiny_checkpoint, "quant=none")
+    as_trained(model)
+    ids = torch.arange(3, 30).unsqueeze(0)
+    expected = model(input_ids=ids).logits
+    assert fused_add.install(model) == 14 and fused_add.install(model) == 14  # again: already routed
+    assert sum(getattr(m, "fused_add", False) for m in model.modules()) == 14
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
+    layer = decoder_blocks(model)[0].mlp.down_proj
+    with model.disable_adapter():
+        assert fused_add.adapter_of(layer) is None
+        torch.testing.assert_close(model(input_ids=ids).logits, model.get_base_model()(input_ids=ids).logits)
+    layer.merged_adapters = ["default"]
+    assert fused_add.adapter_of(layer) is None
+    layer.merged_adapters = []
+    assert fused_add.adapter_of(layer) == "default"
+    x = torch.randn(1, 5, layer.in_features)
+    peft = type(layer).__mro__[1].forward  # PEFT's class, the routed one's parent
+    layer.base_layer.to(torch.float64)
+    torch.testing.assert_close(layer(x.double()), peft(layer, x.double()), rtol=0, atol=0)
+
+
+def test_a_run_with_fused_add_trains_and_saves_an_adapter_peft_loads(train_run):
+    """Through the CLI on the 4-bit tiny model: the runner routes every LoRA layer, the run trains, and the saved
+    adapter (PEFT's own format: the routing changes no name or weight) reloads to the same logits."""
+    import json
+
+    from qlora_recipes import cli
+
+    run_dir, metrics = train_run(
+        "quant=nf4",
+        "lora.dropout=0.1",
+        "lora.fused_add=true",
+        "trainer.max_steps=6",
+        "trainer.logging_steps=1",
+        "trainer.task_eval_samples=0",
+    )
+    assert "lora.fused_add: 14 LoRA layers add their B product" in (run_dir / "run.log").read_text()
+    assert metrics["train"]["steps"] == 6
+    assert metrics["train"]["last_logged_loss"] < metrics["train"]["first_logged_loss"]
+    assert cli.main(["eval", str(run_dir), "samples=0"]) == 0
+    assert json.loads((run_dir / "eval.json").read_text())["reload_max_abs_logit_diff"] < 1e-4
 
 
 @pytest.mark.parametrize(

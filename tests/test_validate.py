@@ -54,6 +54,8 @@ GPU = Device(kind="cuda", count=1, bf16=True)
             GPU,
             "backend=hf, dist=zero3. It needs",
         ),
+        (("lora.fused_add=true", "lora=none"), None, "lora.enabled=false, backend=hf"),
+        (("lora.fused_add=true", "dist=zero3", "dist.num_processes=2"), GPU, "dist=zero3. It needs LoRA, backend=hf"),
         (("trainer.checkpoint_sublayers=true",), None, "trainer.gradient_checkpointing=false, backend=hf"),
         (
             ("+recipe=llama2_chatml", "trainer.checkpoint_sublayers=true", "dist=zero3", "dist.num_processes=2"),
