@@ -575,10 +575,13 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
     if recipe.lora.fused_add:  # before compiling, as above; lean_recompute's routing subclasses this one
         from qlora_recipes import fused_add
 
-        log.info(
-            "lora.fused_add: %d LoRA layers add their B product to the base output in one addmm",
-            fused_add.install(model),
-        )
+        layers = fused_add.install(model)
+        if not layers:
+            raise RecipeError(
+                "lora.fused_add=true, but no LoRA layer is one it computes (a single plain adapter on a linear or "
+                "bitsandbytes layer with a bias-free lora_B: not DoRA or LoRA bias). Set it false"
+            )
+        log.info("lora.fused_add: %d LoRA layers add their B product to the base output in one addmm", layers)
     sublayers = recipe.trainer.checkpoint_sublayers
     if not (recipe.trainer.torch_compile or plan.zero3_leaf_blocks(recipe) or sublayers):
         return

@@ -696,6 +696,12 @@ def test_fused_add_leaves_layers_it_does_not_know_to_peft(recipe_of, tiny_checkp
     torch.testing.assert_close(layer(x.double()), peft(layer, x.double()), rtol=0, atol=0)
 
 
+def test_fused_add_needs_a_layer_it_computes(recipe_of, tiny_checkpoint):
+    recipe, model = tiny_model(recipe_of, tiny_checkpoint, "quant=none", "lora.use_dora=true", "lora.fused_add=true")
+    with pytest.raises(RecipeError, match="no LoRA layer is one it computes"):
+        tune_blocks(model, recipe)
+
+
 def test_a_run_with_fused_add_trains_and_saves_an_adapter_peft_loads(train_run):
     """Through the CLI on the 4-bit tiny model: the runner routes every LoRA layer, the run trains, and the saved
     adapter (PEFT's own format: the routing changes no name or weight) reloads to the same logits."""
