@@ -90,9 +90,9 @@ def routed(cls: type) -> type:
 
 def install(model: Any) -> int:
     """Route every LoRA layer of a known kind whose adapter `forward` computes; returns how many layers."""
-    count = 0
+    count, known = 0, kinds()
     for module in model.modules():
-        if isinstance(module, kinds()) and adapter_of(module):
+        if isinstance(module, known) and adapter_of(module):
             if not getattr(module, "fused_add", False):
                 module.__class__ = routed(type(module))
             count += 1

@@ -77,14 +77,25 @@ def test_compiled_checkpointed_blocks_keep_no_activations_and_recompute_the_same
         torch.testing.assert_close(grad, whole_grads[name], rtol=1e-5, atol=1e-7)
 
 
-def backward_matmuls(model, length=50):
-    """How many matrix products one training step's backward runs (aten::mm/addmm calls, compiled code's included)."""
+def op_calls(model, keys, forward=False, length=50):
+    """How many calls of the ops `keys` one training step's backward runs (with `forward`, the whole step;
+    compiled code's included)."""
     ids = torch.arange(3, 3 + length, device=model.device).unsqueeze(0)
-    loss = model(input_ids=ids, labels=ids).loss
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        loss.backward()
+    profile = functools.partial(torch.profiler.profile, activities=[torch.profiler.ProfilerActivity.CPU])
+    if forward:
+        with profile() as prof:
+            model(input_ids=ids, labels=ids).loss.backward()
+    else:
+        loss = model(input_ids=ids, labels=ids).loss
+        with profile() as prof:
+            loss.backward()
     model.zero_grad()
-    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+    return sum(e.count for e in prof.key_averages() if e.key in keys)
+
+
+def backward_matmuls(model):
+    """How many matrix products (aten::mm/addmm calls) one training step's backward runs."""
+    return op_calls(model, ("aten::mm", "aten::addmm"))
 
 
 def budget_step(recipe_of, tiny_checkpoint, dropout, budget, set_directly=False):
@@ -548,7 +559,12 @@ def sublayer_model(recipe_of, tiny_checkpoint, quant, compiled, *overrides):
 def sublayer_step(recipe_of, tiny_checkpoint, quant, compiled, *overrides):
     """sublayer_model after one step (which compiles when `compiled`): a seeded step's loss and gradients, then the
     matrix products of a backward."""
-    model = sublayer_model(recipe_of, tiny_checkpoint, quant, compiled, *overrides)
+    return seeded_step(sublayer_model(recipe_of, tiny_checkpoint, quant, compiled, *overrides))
+
+
+def seeded_step(model):
+    """After one step (which compiles a compiled model): a seeded step's loss and gradients, then the matrix products
+    of a backward."""
     loss_and_grads(model)  # compiles
     torch.manual_seed(1)
     loss, grads = loss_and_grads(model)
@@ -626,15 +642,6 @@ def test_lean_recompute_needs_a_layer_it_can_replace(recipe_of, tiny_checkpoint)
         tune_blocks(model, recipe)
 
 
-def step_addmms(model, length=50):
-    """How many aten::addmm calls one training step runs, forward and backward (compiled code's included)."""
-    ids = torch.arange(3, 3 + length, device=model.device).unsqueeze(0)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        model(input_ids=ids, labels=ids).loss.backward()
-    model.zero_grad()
-    return sum(e.count for e in prof.key_averages() if e.key == "aten::addmm")
-
-
 @pytest.mark.parametrize(
     "quant,compiled,overrides,addmms",
     [
@@ -654,19 +661,16 @@ def test_fused_add_keeps_the_loss_and_gradients(recipe_of, tiny_checkpoint, quan
     results = {}
     for fused in (False, True):
         step = f"lora.fused_add={str(fused).lower()}"
-        results[fused] = sublayer_step(recipe_of, tiny_checkpoint, quant, compiled, *overrides, step)
-    (loss, grads, products), (fused_loss, fused_grads, fused_matmuls) = results[False], results[True]
+        model = sublayer_model(recipe_of, tiny_checkpoint, quant, compiled, *overrides, step)
+        results[fused] = (*seeded_step(model), op_calls(model, ("aten::addmm",), forward=True))
+    (loss, grads, products, plain_addmms), (fused_loss, fused_grads, fused_matmuls, fused_addmms) = results.values()
+    assert (plain_addmms, fused_addmms) == (0, addmms)
     assert fused_matmuls == products  # the backward's products: lora_B's two, the base's, lora_A's
     torch.testing.assert_close(fused_loss, loss, rtol=1e-6, atol=0)
     assert fused_grads.keys() == grads.keys() and len(grads) == 28
     # float32 rounding apart (the GEMM scales and adds before rounding): ~1e-6 of each gradient's largest element
     bad = [n for n, g in grads.items() if (fused_grads[n] - g).abs().max() > 1e-5 * g.abs().max()]
     assert not bad, [n.split("model.layers.")[-1].replace(".default.weight", "") for n in bad]
-    for fused, count in ((False, 0), (True, addmms)):
-        step = f"lora.fused_add={str(fused).lower()}"
-        model = sublayer_model(recipe_of, tiny_checkpoint, quant, compiled, *overrides, step)
-        step_addmms(model)  # compiles
-        assert step_addmms(model) == count
 
 
 def test_fused_add_leaves_layers_it_does_not_know_to_peft(recipe_of, tiny_checkpoint):
