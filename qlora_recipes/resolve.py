@@ -430,6 +430,15 @@ def validate(resolved: Resolved) -> None:
         "ZeRO-3's or FSDP's hooks). Set it false or change those",
     )
     need(
+        not lora.hash_dropout
+        or (lora.enabled and lora.dropout > 0 and r.backend is Backend.hf and not lora.lean_dropout),
+        f"lora.hash_dropout=true draws each LoRA layer's dropout masks from a hash; this run has lora.enabled="
+        f"{str(lora.enabled).lower()}, lora.dropout={lora.dropout}, backend={r.backend.value}, lora.lean_dropout="
+        f"{str(lora.lean_dropout).lower()}. It needs LoRA with dropout > 0 and backend=hf (PEFT's dropout modules), "
+        "and not lora.lean_dropout (which folds the dropout into lora_A with its own masks). Set it false or change "
+        "those",
+    )
+    need(
         t.activation_memory_budget == 1 or not lora.enabled or lora.dropout == 0,
         f"trainer.activation_memory_budget={t.activation_memory_budget} with lora.dropout={lora.dropout}: below 1, "
         "torch's partitioner may recompute the dropout in the backward with fresh random numbers, and the gradients "

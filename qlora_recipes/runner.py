@@ -561,7 +561,8 @@ COMPILE_VARIANTS = 16  # recompile room per compiled block (see tune_blocks)
 def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
     """Per-block speed settings, before accelerate wraps the model: `lora.lean_dropout` folds each LoRA layer's
     dropout into its A projection (lean_dropout.py), `lora.fused_add` makes its B product, scale and add one
-    addmm (fused_add.py), `quant.compiled_dequant` routes the nf4 layers
+    addmm (fused_add.py), `lora.hash_dropout` draws its dropout masks from a hash (hash_dropout.py),
+    `quant.compiled_dequant` routes the nf4 layers
     through torch-op dequantization (dequant.py), `trainer.torch_compile` compiles each decoder
     block in place (the blocks share one compiled graph; parameter names stay as they are),
     `trainer.checkpoint_sublayers` checkpoints (and compiles) each block as attention, then MLP, and
@@ -572,6 +573,10 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
         log.info(
             "lora.lean_dropout: %d LoRA layers keep their input, not a dropped-out copy", lean_dropout.install(model)
         )
+    if recipe.lora.hash_dropout:  # before compiling, as above
+        from qlora_recipes import hash_dropout
+
+        log.info("lora.hash_dropout: %d LoRA layers draw their dropout masks from a hash", hash_dropout.install(model))
     if recipe.lora.fused_add:  # before compiling, as above; lean_recompute's routing subclasses this one
         from qlora_recipes import fused_add
 
@@ -598,11 +603,15 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
     if recipe.trainer.torch_compile:
         import torch._dynamo
         import torch._functorch.config
+        import torch._inductor.config
         import torch._logging
 
         # process-wide, and part of the compile cache's key; set both ways, since an earlier run in this process
         # (a sweep) may have set it
         torch._functorch.config.activation_memory_budget = recipe.trainer.activation_memory_budget
+        # lora.hash_dropout's keys as aten's draws, one small tensor each: inductor's own random ops would be
+        # inlined into the kernel that hashes, each element drawing its keys again (Philox per element)
+        torch._inductor.config.fallback_random = recipe.lora.hash_dropout
 
         # Packed batches change length every step, and a block is entered with and without an attention mask and,
         # as the checkpoint runs outside the compiled forward (see compile_block), with and without grad: compile

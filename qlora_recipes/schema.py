@@ -222,6 +222,11 @@ class LoraConfig:
     # one full-width tensor less written and read a layer in the forward, one scaling pass less in the backward.
     # Same arithmetic to float rounding. Needs LoRA, backend=hf, one model per GPU
     fused_add: bool = False
+    # Each layer's dropout masks from a keyed integer hash of the element's index instead of Philox (hash_dropout.py):
+    # about a dozen int32 operations an element instead of ~100, the same keep probability and scaling, other random
+    # draws. Not yet measured on a GPU in its final form (docs/gpu.md, twenty-eighth session). Needs LoRA with
+    # dropout > 0, backend=hf, not lora.lean_dropout (which draws its own masks)
+    hash_dropout: bool = False
 
 
 @dataclass

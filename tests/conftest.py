@@ -132,6 +132,39 @@ def as_trained(model):
             torch.nn.init.normal_(param, std=0.02)
 
 
+def trains_and_reloads(train_run, *overrides, logged):
+    """A 6-step CLI run of the 4-bit tiny model with `overrides`: its run.log says `logged`, the loss falls, and the
+    saved adapter (PEFT's own format) reloads to the same logits."""
+    import json
+
+    from qlora_recipes import cli
+
+    run_dir, metrics = train_run(
+        "quant=nf4", *overrides, "trainer.max_steps=6", "trainer.logging_steps=1", "trainer.task_eval_samples=0"
+    )
+    assert logged in (run_dir / "run.log").read_text()
+    assert metrics["train"]["steps"] == 6
+    assert metrics["train"]["last_logged_loss"] < metrics["train"]["first_logged_loss"]
+    assert cli.main(["eval", str(run_dir), "samples=0"]) == 0
+    assert json.loads((run_dir / "eval.json").read_text())["reload_max_abs_logit_diff"] < 1e-4
+
+
+def installs_without_changing_names_or_outputs(model, install, layers):
+    """`install(model)` on the model as trained reports `layers` layers, and again on the installed model (nothing
+    changes the second time); the state dict's names and the eval logits stay as they were."""
+    import torch
+
+    as_trained(model)
+    names = list(model.state_dict())
+    model.eval()
+    ids = torch.arange(3, 40).unsqueeze(0)
+    before = model(input_ids=ids).logits
+    assert install(model) == layers
+    assert install(model) == layers
+    assert list(model.state_dict()) == names
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)  # eval: no dropout either way
+
+
 def train_checkpointed(model, reentrant=True):
     """as_trained, with gradient checkpointing (reentrant by default, as llama2_chatml)."""
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
@@ -148,6 +181,22 @@ def loss_and_grads(model, length=50):  # not 64, the hidden size: dynamo would e
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
     return loss.detach(), grads
+
+
+def checkpointed_grads_match(model):
+    """With reentrant checkpointing turned on, a seeded step's gradients equal those of the same step without it
+    (the recompute draws the forward's dropout masks again); returns the gradients without checkpointing."""
+    import torch
+
+    torch.manual_seed(1)
+    _, whole = loss_and_grads(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    torch.manual_seed(1)
+    _, checkpointed = loss_and_grads(model)
+    assert checkpointed.keys() == whole.keys() and len(whole) == 28
+    for name, grad in checkpointed.items():
+        torch.testing.assert_close(grad, whole[name], rtol=1e-5, atol=1e-7)
+    return whole
 
 
 def saved_bytes(model, length=50):

@@ -2,7 +2,15 @@
 
 import pytest
 import torch
-from conftest import as_trained, loss_and_grads, saved_bytes, tiny_model
+from conftest import (
+    as_trained,
+    checkpointed_grads_match,
+    installs_without_changing_names_or_outputs,
+    loss_and_grads,
+    saved_bytes,
+    tiny_model,
+    trains_and_reloads,
+)
 
 from qlora_recipes import lean_dropout
 from qlora_recipes.runner import tune_blocks
@@ -20,16 +28,8 @@ def test_masked_linear_is_dropout_then_linear_with_its_gradients():
 
 def test_install_folds_each_dropout_and_changes_no_name_or_output(recipe_of, tiny_checkpoint):
     _, model = tiny_model(recipe_of, tiny_checkpoint, "quant=none", "lora.dropout=0.1")
-    as_trained(model)
-    names = list(model.state_dict())
-    model.eval()
-    ids = torch.arange(3, 40).unsqueeze(0)
-    before = model(input_ids=ids).logits
-    assert lean_dropout.install(model) == 14  # 7 projections x 2 blocks
-    assert lean_dropout.install(model) == 14  # again: already folded, nothing changes
-    assert list(model.state_dict()) == names
+    installs_without_changing_names_or_outputs(model, lean_dropout.install, 14)  # 7 projections x 2 blocks
     assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
-    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=0)  # eval: no dropout either way
 
 
 def test_lean_layers_compute_peft_s_loss_and_gradients_for_the_same_masks(recipe_of, tiny_checkpoint, monkeypatch):
@@ -85,37 +85,18 @@ def test_lean_dropout_keeps_less_and_a_checkpoint_recomputes_its_masks(recipe_of
     loss_and_grads(lean)
     lean_bytes = saved_bytes(lean)
     assert lean_bytes < 0.85 * peft_bytes
-
-    torch.manual_seed(1)
-    _, whole = loss_and_grads(lean)
-    lean.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-    torch.manual_seed(1)
-    _, checkpointed = loss_and_grads(lean)
-    assert checkpointed.keys() == whole.keys() and len(whole) == 28
-    for name, grad in checkpointed.items():
-        torch.testing.assert_close(grad, whole[name], rtol=1e-5, atol=1e-7)
+    checkpointed_grads_match(lean)
 
 
 def test_a_run_with_lean_dropout_trains_and_saves_an_adapter_peft_loads(train_run):
     """Through the CLI on the 4-bit tiny model: the runner folds every layer's dropout, the run trains, and the saved
     adapter (PEFT's own format: lora_A stays an nn.Linear by name and weight) reloads to the same logits."""
-    import json
-
-    from qlora_recipes import cli
-
-    run_dir, metrics = train_run(
-        "quant=nf4",
+    trains_and_reloads(
+        train_run,
         "lora.dropout=0.1",
         "lora.lean_dropout=true",
-        "trainer.max_steps=6",
-        "trainer.logging_steps=1",
-        "trainer.task_eval_samples=0",
+        logged="lora.lean_dropout: 14 LoRA layers keep their input",
     )
-    assert "lora.lean_dropout: 14 LoRA layers keep their input" in (run_dir / "run.log").read_text()
-    assert metrics["train"]["steps"] == 6
-    assert metrics["train"]["last_logged_loss"] < metrics["train"]["first_logged_loss"]
-    assert cli.main(["eval", str(run_dir), "samples=0"]) == 0
-    assert json.loads((run_dir / "eval.json").read_text())["reload_max_abs_logit_diff"] < 1e-4
 
 
 @pytest.mark.gpu

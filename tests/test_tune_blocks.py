@@ -4,7 +4,7 @@ import functools
 
 import pytest
 import torch
-from conftest import as_trained, loss_and_grads, saved_bytes, tiny_model, train_checkpointed
+from conftest import as_trained, loss_and_grads, saved_bytes, tiny_model, train_checkpointed, trains_and_reloads
 from torch._logging._internal import log_state
 
 from qlora_recipes.errors import RecipeError
@@ -709,23 +709,12 @@ def test_fused_add_needs_a_layer_it_computes(recipe_of, tiny_checkpoint):
 def test_a_run_with_fused_add_trains_and_saves_an_adapter_peft_loads(train_run):
     """Through the CLI on the 4-bit tiny model: the runner routes every LoRA layer, the run trains, and the saved
     adapter (PEFT's own format: the routing changes no name or weight) reloads to the same logits."""
-    import json
-
-    from qlora_recipes import cli
-
-    run_dir, metrics = train_run(
-        "quant=nf4",
+    trains_and_reloads(
+        train_run,
         "lora.dropout=0.1",
         "lora.fused_add=true",
-        "trainer.max_steps=6",
-        "trainer.logging_steps=1",
-        "trainer.task_eval_samples=0",
+        logged="lora.fused_add: 14 LoRA layers add their B product",
     )
-    assert "lora.fused_add: 14 LoRA layers add their B product" in (run_dir / "run.log").read_text()
-    assert metrics["train"]["steps"] == 6
-    assert metrics["train"]["last_logged_loss"] < metrics["train"]["first_logged_loss"]
-    assert cli.main(["eval", str(run_dir), "samples=0"]) == 0
-    assert json.loads((run_dir / "eval.json").read_text())["reload_max_abs_logit_diff"] < 1e-4
 
 
 @pytest.mark.parametrize(

@@ -56,6 +56,10 @@ GPU = Device(kind="cuda", count=1, bf16=True)
         ),
         (("lora.fused_add=true", "lora=none"), None, "lora.enabled=false, backend=hf"),
         (("lora.fused_add=true", "dist=zero3", "dist.num_processes=2"), GPU, "dist=zero3. It needs LoRA, backend=hf"),
+        (("lora.hash_dropout=true", "lora.dropout=0"), None, "lora.hash_dropout=true draws"),
+        (("lora.hash_dropout=true", "lora=none"), None, "lora.enabled=false, lora.dropout"),
+        (("lora.hash_dropout=true", "lora.dropout=0.1", "lora.lean_dropout=true"), None, "lora.lean_dropout=true. It"),
+        (("lora.hash_dropout=true", "lora.dropout=0.1", "backend=unsloth"), GPU, "backend=unsloth"),
         (("trainer.checkpoint_sublayers=true",), None, "trainer.gradient_checkpointing=false, backend=hf"),
         (
             ("+recipe=llama2_chatml", "trainer.checkpoint_sublayers=true", "dist=zero3", "dist.num_processes=2"),
