@@ -580,13 +580,12 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
     if recipe.lora.fused_add:  # before compiling, as above; lean_recompute's routing subclasses this one
         from qlora_recipes import fused_add
 
-        layers = fused_add.install(model)
-        if not layers:
-            raise RecipeError(
-                "lora.fused_add=true, but no LoRA layer is one it computes (a single plain adapter on a linear or "
-                "bitsandbytes layer with a bias-free lora_B: not DoRA or LoRA bias). Set it false"
-            )
-        log.info("lora.fused_add: %d LoRA layers add their B product to the base output in one addmm", layers)
+        installed(
+            fused_add.install(model),
+            "lora.fused_add=true, but no LoRA layer is one it computes (a single plain adapter on a linear or "
+            "bitsandbytes layer with a bias-free lora_B: not DoRA or LoRA bias). Set it false",
+            "lora.fused_add: %d LoRA layers add their B product to the base output in one addmm",
+        )
     sublayers = recipe.trainer.checkpoint_sublayers
     if not (recipe.trainer.torch_compile or plan.zero3_leaf_blocks(recipe) or sublayers):
         return
@@ -645,18 +644,24 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
     if recipe.trainer.lean_recompute:
         from qlora_recipes import lean_recompute
 
-        layers = lean_recompute.install(blocks)
-        if not layers:
-            raise RecipeError(
-                "trainer.lean_recompute=true, but no sublayer ends in a LoRA layer it can stand in for (a single plain "
-                "LoRA adapter on a frozen nn.Linear or 4-bit layer: not DoRA, LoRA bias or 8-bit). Set it false"
-            )
-        log.info("trainer.lean_recompute: %d LoRA layers skip their discarded output in the recompute", layers)
+        installed(
+            lean_recompute.install(blocks),
+            "trainer.lean_recompute=true, but no sublayer ends in a LoRA layer it can stand in for (a single plain "
+            "LoRA adapter on a frozen nn.Linear or 4-bit layer: not DoRA, LoRA bias or 8-bit). Set it false",
+            "trainer.lean_recompute: %d LoRA layers skip their discarded output in the recompute",
+        )
     if plan.zero3_leaf_blocks(recipe):
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, sorted({type(block) for block in blocks}, key=lambda cls: cls.__name__))
         log.info("ZeRO-3: each %s fetched as one unit", type(blocks[0]).__name__)
+
+
+def installed(layers: int, refusal: str, done: str) -> None:
+    """After a tuning routed `layers` layers: refuse the run with `refusal` if none, else log `done` (with %d)."""
+    if not layers:
+        raise RecipeError(refusal)
+    log.info(done, layers)
 
 
 def compile_block(block: Any) -> None:
