@@ -14,6 +14,12 @@ draws its two key words from torch's generator, so a checkpoint's recompute (whi
 draws the same keys and so the same masks. The masks are other draws than nn.Dropout's: a run with it and one
 without are equally likely, not equal.
 
+A compiled backward hashes the masks again from their keys instead of keeping them: nn.Dropout's masks are random
+draws, so the partitioner must save each one, a bool tensor written in the forward and read in the backward. On
+CPU one 7B-shaped compiled block keeps 359 instead of 428 MiB at 2,048 tokens, and under sublayer checkpointing each
+attention and MLP recompute keeps 177 and 145 instead of 215 and 177 MiB (scripts/block_saved_bytes.py,
+docs/performance.md; keep_mask says why it builds each index in two parts).
+
 The keys must be drawn once, as a tensor: inductor inlines its own random ops into their consumers, so the hashing
 kernel would draw both key words again for every element (a Philox call each). The runner therefore compiles with
 inductor's `fallback_random` (aten's draws) when this is on. The two GPU runs so far (docs/gpu.md calls BY, CB) had
@@ -44,8 +50,16 @@ def keep_mask(shape: torch.Size, key: torch.Tensor, p: float) -> torch.Tensor:
     numel = shape.numel()
     if numel >= 2**31:
         raise ValueError(f"hash dropout indexes elements with int32; this tensor has {numel} (2**31 or more)")
-    index = torch.arange(numel, dtype=torch.int32, device=key.device).view(shape)
-    h = mix(index * (key[0] | 1) + key[1])  # a keyed affine map (odd multiplier: a bijection), then the mixer
+    # index * odd + key[1], a keyed affine map of the flat index (an odd multiplier: a bijection), then the mixer.
+    # The index is row * cols + col, so the map is a row part plus a column part (int32 arithmetic wraps, so the two
+    # agree bit for bit), each a small tensor with the key in it. A full-size index would be one tensor for all
+    # masks of a shape (the compiler merges equal expressions), and the partitioner then saves each mask for the
+    # backward instead of hashing it again from its key: a bool tensor per mask written and read back.
+    cols = shape[-1] if shape else 1
+    odd = key[0] | 1
+    row = torch.arange(shape[:-1].numel(), dtype=torch.int32, device=key.device) * (odd * cols)
+    col = torch.arange(cols, dtype=torch.int32, device=key.device) * odd + key[1]
+    h = mix((row[:, None] + col).view(shape))
     return (h & (2**KEEP_BITS - 1)) >= round(p * 2**KEEP_BITS)
 
 

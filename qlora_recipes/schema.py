@@ -224,8 +224,9 @@ class LoraConfig:
     fused_add: bool = False
     # Each layer's dropout masks from a keyed integer hash of the element's index instead of Philox (hash_dropout.py):
     # about a dozen int32 operations an element instead of ~100, the same keep probability and scaling, other random
-    # draws. Not yet measured on a GPU in its final form (docs/gpu.md, twenty-eighth session). Needs LoRA with
-    # dropout > 0, backend=hf, not lora.lean_dropout (which draws its own masks)
+    # draws; a compiled backward hashes them again instead of keeping them (on CPU a 7B-shaped block keeps 359 instead
+    # of 428 MiB at 2,048 tokens). Not yet measured on a GPU in its final form (docs/gpu.md, twenty-eighth session).
+    # Needs LoRA with dropout > 0, backend=hf, not lora.lean_dropout (which draws its own masks)
     hash_dropout: bool = False
 
 

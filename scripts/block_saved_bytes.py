@@ -12,6 +12,8 @@ redraw dropout masks in the backward). Attention here is CPU sdpa, not the GPU's
   HF_HUB_OFFLINE=1 .venv/bin/python scripts/block_saved_bytes.py [TOKENS] [BUDGET ...]   (default 2048 1.0 0.5)
 
 LEAN=1 folds each LoRA layer's dropout into its A projection first (lora.lean_dropout, lean_dropout.py).
+HASH=1 instead draws each LoRA layer's dropout masks from a hash, compiled with aten's random ops as the runner does
+(lora.hash_dropout, hash_dropout.py).
 SUBLAYERS=1 instead runs the block under reentrant gradient checkpointing, once checkpointed whole and once as
 attention, then MLP (trainer.checkpoint_sublayers), and prints what each checkpointed region's recompute keeps for
 its backward (profiling.recompute_bytes): the backward holds one region's at a time.
@@ -25,10 +27,11 @@ import sys
 import torch
 import torch._dynamo
 import torch._functorch.config
+import torch._inductor.config
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qlora_recipes import lean_dropout
+from qlora_recipes import hash_dropout, lean_dropout
 from qlora_recipes.profiling import SavedBytes, recompute_bytes
 from qlora_recipes.runner import checkpoint_sublayers, compile_block, decoder_blocks
 
@@ -65,6 +68,9 @@ def main(tokens: int, budgets: list[float]) -> None:
             param.data.normal_(0, 0.02)
     if os.environ.get("LEAN"):
         print(f"lora.lean_dropout: {lean_dropout.install(model)} layers fold their dropout")
+    if os.environ.get("HASH"):
+        print(f"lora.hash_dropout: {hash_dropout.install(model)} layers hash their masks")
+        torch._inductor.config.fallback_random = True
     model.enable_input_require_grads()
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}

@@ -54,6 +54,53 @@ def test_masks_keep_each_element_with_probability_one_minus_p_independently(p):
     assert abs(corr(first, hash_dropout.keep_mask(shape, near, p).float())) < limit
 
 
+@pytest.mark.parametrize("shape", [(3, 50, 16), (64, 257), (7,), (), (2, 0, 5), (4, 3, 0)])
+def test_the_mask_hashes_each_element_s_flat_index(shape):
+    """keep_mask splits the keyed map of the flat index into a row part and a column part: the same bits."""
+    shape = torch.Size(shape)
+    key = torch.tensor([-0x2468ACE, 0x13579BD], dtype=torch.int32)
+    index = torch.arange(shape.numel(), dtype=torch.int32).view(shape)
+    h = hash_dropout.mix(index * (key[0] | 1) + key[1])
+    expected = (h & (2**hash_dropout.KEEP_BITS - 1)) >= round(0.1 * 2**hash_dropout.KEEP_BITS)
+    got = hash_dropout.keep_mask(shape, key, 0.1)
+    assert got.shape == shape and torch.equal(got, expected)
+
+
+def test_the_compiled_backward_hashes_the_masks_again_instead_of_saving_them():
+    """Three dropouts of one tensor (q/k/v's), compiled as tune_blocks compiles them: the forward saves each mask's
+    key and two small index vectors, no mask (with a full-size index, one tensor for the three, the partitioner saved
+    two of them), and the gradients are eager's, same seed."""
+
+    class Three(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(8, 256)) for _ in range(3))
+            self.drop = torch.nn.ModuleList(hash_dropout.HashDropout(0.1) for _ in range(3))
+
+        def forward(self, x):
+            y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+            return sum((d(y) @ a.t()).square().sum() for a, d in zip(self.a, self.drop, strict=True))
+
+    model = Three().double()  # float64: the compiled and eager sums then agree to ~1e-12
+    x = torch.randn(512, 256, dtype=torch.float64, requires_grad=True)
+
+    def saved_and_grads(step):
+        saved = []
+        torch.manual_seed(5)
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t)
+        with torch._inductor.config.patch(fallback_random=True), hooks:
+            loss = step(x)
+        return saved, torch.autograd.grad(loss, [x, *model.a])
+
+    torch._dynamo.reset()
+    saved, compiled = saved_and_grads(torch.compile(model, dynamic=True))
+    assert not [t for t in saved if t.dtype == torch.bool]
+    assert sorted({t.numel() for t in saved if t.dtype == torch.int32}) == [2, 256, 512]  # key, column, row
+    _, eager = saved_and_grads(model)
+    for got, expected in zip(compiled, eager, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
 def test_forward_and_backward_are_a_dropout_with_the_hashed_mask():
     x = torch.randn(3, 50, 16, dtype=torch.float64, requires_grad=True)
     layer = hash_dropout.HashDropout(0.3)
