@@ -174,6 +174,39 @@ def checkpoint_recompute_draws_the_forward_s_masks(recipe_of, tiny_checkpoint, c
     assert any(not torch.allclose(undropped[name], grad) for name, grad in whole.items())
 
 
+def test_on_the_gpu_stack_each_recompute_hashes_the_forward_s_masks(recipe_of, tiny_checkpoint):
+    """bench's GPU `optimized` on CPU (compiled, reentrant sublayer checkpoints, lean recompute, q/k/v's outputs kept;
+    not the offload, which needs CUDA) with hashed masks: the loss and gradients of the same compiled model without
+    checkpointing, same seed."""
+    stack = (
+        "trainer.gradient_checkpointing=true",
+        "trainer.use_reentrant=true",
+        "trainer.checkpoint_sublayers=true",
+        "trainer.lean_recompute=true",
+        "trainer.keep_projections=[q_proj,k_proj,v_proj]",
+    )
+    results = []
+    with torch._inductor.config.patch(fallback_random=False):  # tune_blocks sets it process-wide: restored after
+        for overrides in ((), stack):
+            torch._dynamo.reset()
+            recipe, model = tiny_model(
+                recipe_of, tiny_checkpoint, "quant=none", "lora.dropout=0.1", "lora.hash_dropout=true",
+                "trainer.torch_compile=true", *overrides,
+            )  # fmt: skip
+            if overrides:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            as_trained(model)
+            tune_blocks(model, recipe)
+            loss_and_grads(model)  # compiles
+            torch.manual_seed(1)
+            results.append(loss_and_grads(model))
+    (loss, grads), (stack_loss, stack_grads) = results
+    torch.testing.assert_close(stack_loss, loss)
+    assert stack_grads.keys() == grads.keys() and len(grads) == 28
+    for name, grad in grads.items():
+        torch.testing.assert_close(stack_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
 def test_a_run_with_hash_dropout_trains_and_saves_an_adapter_peft_loads(train_run):
     """Through the CLI on the 4-bit tiny model: the runner replaces every LoRA layer's dropout, the run trains, and
     the saved adapter (the dropout has no weights) reloads to the same logits."""
