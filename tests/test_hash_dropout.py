@@ -9,11 +9,20 @@ from conftest import (
     installs_without_changing_names_or_outputs,
     loss_and_grads,
     tiny_model,
+    train_checkpointed,
     trains_and_reloads,
 )
 
 from qlora_recipes import hash_dropout
 from qlora_recipes.runner import tune_blocks
+
+
+@pytest.fixture(autouse=True)
+def _fallback_random_restored():
+    """tune_blocks sets inductor's fallback_random process-wide for a compiled lora.hash_dropout run: each test here
+    starts from it off and leaves it as it was."""
+    with torch._inductor.config.patch(fallback_random=False):
+        yield
 
 
 def reference_mix(h):
@@ -153,11 +162,6 @@ def test_a_checkpoint_s_recompute_draws_the_forward_s_masks(recipe_of, tiny_chec
     """Through tune_blocks, eager and compiled: the masks are applied (the gradients differ from a step without
     dropout), and under reentrant checkpointing the recompute draws the forward's keys again: the gradients of the
     run without checkpointing, same seed."""
-    with torch._inductor.config.patch(fallback_random=False):  # tune_blocks sets it process-wide: restored after
-        checkpoint_recompute_draws_the_forward_s_masks(recipe_of, tiny_checkpoint, compiled)
-
-
-def checkpoint_recompute_draws_the_forward_s_masks(recipe_of, tiny_checkpoint, compiled):
     torch._dynamo.reset()
     flag = f"trainer.torch_compile={str(compiled).lower()}"
     recipe, model = tiny_model(
@@ -186,20 +190,17 @@ def test_on_the_gpu_stack_each_recompute_hashes_the_forward_s_masks(recipe_of, t
         "trainer.keep_projections=[q_proj,k_proj,v_proj]",
     )
     results = []
-    with torch._inductor.config.patch(fallback_random=False):  # tune_blocks sets it process-wide: restored after
-        for overrides in ((), stack):
-            torch._dynamo.reset()
-            recipe, model = tiny_model(
-                recipe_of, tiny_checkpoint, "quant=none", "lora.dropout=0.1", "lora.hash_dropout=true",
-                "trainer.torch_compile=true", *overrides,
-            )  # fmt: skip
-            if overrides:
-                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
-            as_trained(model)
-            tune_blocks(model, recipe)
-            loss_and_grads(model)  # compiles
-            torch.manual_seed(1)
-            results.append(loss_and_grads(model))
+    for overrides in ((), stack):
+        torch._dynamo.reset()
+        recipe, model = tiny_model(
+            recipe_of, tiny_checkpoint, "quant=none", "lora.dropout=0.1", "lora.hash_dropout=true",
+            "trainer.torch_compile=true", *overrides,
+        )  # fmt: skip
+        (train_checkpointed if overrides else as_trained)(model)
+        tune_blocks(model, recipe)
+        loss_and_grads(model)  # compiles
+        torch.manual_seed(1)
+        results.append(loss_and_grads(model))
     (loss, grads), (stack_loss, stack_grads) = results
     torch.testing.assert_close(stack_loss, loss)
     assert stack_grads.keys() == grads.keys() and len(grads) == 28
