@@ -145,6 +145,8 @@ def training_kwargs(recipe: RecipeConfig, output_dir: str | Path, on_cpu: bool =
     }
     if t.eval_strategy is Strategy.steps:
         kwargs["eval_steps"] = t.eval_steps
+    if t.lr_scheduler_kwargs:
+        kwargs["lr_scheduler_kwargs"] = dict(t.lr_scheduler_kwargs)
     if t.lazy_metrics:  # the filter checks every micro-batch's loss on the host: a sync each (runner.sft_trainer_class)
         kwargs["logging_nan_inf_filter"] = False
     accelerator: dict[str, Any] = {}

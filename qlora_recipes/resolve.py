@@ -12,6 +12,7 @@ import os
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -19,6 +20,7 @@ from qlora_recipes import attention, plan
 from qlora_recipes.errors import RecipeError
 from qlora_recipes.schema import (
     FIRST_PROJECTIONS,
+    SCHEDULER_ARGS,
     Attention,
     Backend,
     DataFormat,
@@ -98,6 +100,7 @@ def resolve(cfg: DictConfig | RecipeConfig, device: Device) -> Resolved:
     notes: list[str] = []
 
     dtype = recipe.model.dtype
+    fp16_mixed = False  # float32 weights trained in fp16 mixed precision (full fine-tuning on a GPU without bf16)
     if dtype is DType.auto:
         if device.kind == "cpu":
             dtype = DType.float32
@@ -105,6 +108,12 @@ def resolve(cfg: DictConfig | RecipeConfig, device: Device) -> Resolved:
         elif device.bf16:
             dtype = DType.bfloat16
             notes.append("model.dtype auto -> bfloat16 (GPU supports it)")
+        elif not recipe.lora.enabled:
+            dtype, fp16_mixed = DType.float32, True
+            notes.append(
+                "model.dtype auto -> float32: this GPU has no bf16, and full fine-tuning in fp16 mixed precision "
+                "needs float32 weights (its loss scaler cannot unscale fp16 gradients)"
+            )
         else:
             dtype = DType.float16
             notes.append(
@@ -118,7 +127,10 @@ def resolve(cfg: DictConfig | RecipeConfig, device: Device) -> Resolved:
     precision = recipe.trainer.precision
     if precision is Precision.auto:
         precision = {DType.bfloat16: Precision.bf16, DType.float16: Precision.fp16}.get(dtype, Precision.fp32)
-        notes.append(f"trainer.precision auto -> {precision.value} (follows model.dtype {dtype.value})")
+        why = f"follows model.dtype {dtype.value}"
+        if fp16_mixed:
+            precision, why = Precision.fp16, "mixed precision over the float32 weights"
+        notes.append(f"trainer.precision auto -> {precision.value} ({why})")
 
     attn = recipe.model.attn_implementation
     if attn is Attention.fastest:
@@ -224,6 +236,49 @@ def varlen_unmet(device: Device, t: TrainerConfig, precision: Precision) -> list
     return unmet
 
 
+def scheduler_problems(name: str, kwargs: dict[str, Any]) -> list[str]:
+    """What trainer.lr_scheduler_kwargs lacks or has too much for the scheduler (transformers would fail at the first
+    step, or ignore an argument silently)."""
+    problems = []
+    allowed = SCHEDULER_ARGS[name]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        takes = f"it takes {', '.join(allowed)}" if allowed else "it takes none"
+        problems.append(
+            f"trainer.lr_scheduler_kwargs has {', '.join(unknown)}, which lr_scheduler={name} does not use: {takes}"
+        )
+    if name == "cosine_with_min_lr" and ("min_lr" in kwargs) == ("min_lr_rate" in kwargs):
+        problems.append(
+            "trainer.lr_scheduler=cosine_with_min_lr needs one of min_lr (an absolute rate) or min_lr_rate (a share of "
+            "trainer.learning_rate): e.g. +trainer.lr_scheduler_kwargs.min_lr_rate=0.1"
+        )
+    steps = kwargs.get("num_decay_steps")
+    if name == "warmup_stable_decay" and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        problems.append(
+            f"trainer.lr_scheduler=warmup_stable_decay needs num_decay_steps, a whole number of optimizer steps >= 1 "
+            f"(got {steps!r}): e.g. +trainer.lr_scheduler_kwargs.num_decay_steps=100"
+        )
+    return problems
+
+
+def unsloth_problems(r: RecipeConfig) -> list[str]:
+    """What backend=unsloth cannot honour: its FastLanguageModel loads 4-bit or unquantized weights and wraps LoRA
+    from the rank, alpha, dropout, targets, bias and rslora only (runner.setup_unsloth_model); the rest would be
+    dropped silently."""
+    lora = r.lora
+    if not lora.enabled:
+        return ["backend=unsloth with lora=none: its path trains LoRA adapters. Use backend=hf for full fine-tuning"]
+    asked = {
+        "quant=int8 (it loads 4-bit or unquantized weights; use quant=nf4 or quant=none)": r.quant.load_in_8bit,
+        "lora.use_dora=true": lora.use_dora,
+        "lora.last_n_layers": lora.last_n_layers is not None,
+        "lora.modules_to_save": bool(lora.modules_to_save),
+        "trainable new-token rows (set lora.train_new_tokens=false: the rows keep their initial values, as in the "
+        "original's Unsloth path)": plan.trains_new_token_rows(r),
+    }
+    return [f"backend=unsloth does not support {what}, or use backend=hf" for what, on in asked.items() if on]
+
+
 def validate(resolved: Resolved) -> None:
     """Every cross-group rule at once; raises one RecipeError listing each problem with its fix."""
     r, device = resolved.recipe, resolved.device
@@ -248,6 +303,7 @@ def validate(resolved: Resolved) -> None:
         need(value >= 1, f"trainer.{key}={value}: must be >= 1")
     need(t.max_seq_len >= 16, f"trainer.max_seq_len={t.max_seq_len}: must be >= 16")
     need(0 <= t.warmup_ratio < 1, f"trainer.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
+    problems += scheduler_problems(t.lr_scheduler.value, t.lr_scheduler_kwargs)
     need(t.weight_decay >= 0, f"trainer.weight_decay={t.weight_decay}: must be >= 0")
     need(t.max_grad_norm >= 0, f"trainer.max_grad_norm={t.max_grad_norm}: must be >= 0 (0 disables clipping)")
     need(t.task_eval_samples >= 0, "trainer.task_eval_samples must be >= 0")
@@ -256,6 +312,16 @@ def validate(resolved: Resolved) -> None:
     need(
         r.dist.backend is not DistBackend.single or r.dist.num_processes == 1,
         f"dist=single runs one process, not {r.dist.num_processes}: use dist=ddp for several",
+    )
+    need(
+        r.dist.backend is not DistBackend.single or r.dist.num_machines == 1,
+        f"dist=single runs on one machine, not dist.num_machines={r.dist.num_machines}: use dist=ddp (or fsdp, "
+        "zero3) with dist.main_process_ip and dist.machine_rank on each machine",
+    )
+    need(
+        device.kind == "cuda" or r.dist.num_machines == 1,
+        f"dist.num_machines={r.dist.num_machines} on CPU: CPU processes are started on this machine only (torchrun "
+        "--standalone); several machines need CUDA GPUs and accelerate's launcher",
     )
     if device.kind == "cuda":
         need(
@@ -300,6 +366,13 @@ def validate(resolved: Resolved) -> None:
         "Use quant=none for full fine-tuning, or keep LoRA (lora=default) for QLoRA",
     )
 
+    need(
+        lora.enabled or not (r.trainer.precision is Precision.fp16 and r.model.dtype is DType.float16),
+        "lora=none with model.dtype=float16 and trainer.precision=fp16: fp16 mixed precision cannot unscale the "
+        "gradients of fp16 weights, so the first step fails. Use model.dtype=float32 (or auto) for full "
+        "fine-tuning in fp16, or keep LoRA (its adapters train in float32)",
+    )
+
     # precision and device
     if device.kind == "cpu":
         need(
@@ -324,6 +397,7 @@ def validate(resolved: Resolved) -> None:
             importlib.util.find_spec("unsloth") is not None,
             "backend=unsloth but the unsloth package is not installed: pip install unsloth, or use backend=hf",
         )
+        problems += unsloth_problems(r)
     need(
         not r.sweep_gpus or (r.dist.num_processes == 1 and r.dist.num_machines == 1),
         f"sweep_gpus={list(r.sweep_gpus)} with dist.num_processes={r.dist.num_processes}: a pinned sweep job sees "

@@ -217,13 +217,18 @@ def setup_unsloth_model(resolved: Resolved, checkpoint: str, tokenizer: Any, new
         dtype=None,
         load_in_4bit=recipe.quant.load_in_4bit,
     )
-    kwargs = plan.lora_kwargs(recipe, None, new_token_ids) or {}
+    if new_token_ids:  # the template's tokens, as the hf path adds them (validate refuses training their rows)
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=8, mean_resizing=not recipe.quant.load_in_4bit)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    kwargs = plan.lora_kwargs(recipe, None, new_token_ids)  # validate refused what these keywords cannot carry
     return FastLanguageModel.get_peft_model(
         model,
         r=kwargs["r"],
         lora_alpha=kwargs["lora_alpha"],
         lora_dropout=kwargs["lora_dropout"],
         target_modules=kwargs["target_modules"],
+        bias=kwargs["bias"],
+        use_rslora=kwargs["use_rslora"],
         use_gradient_checkpointing=recipe.trainer.gradient_checkpointing,
         random_state=recipe.seed,
         max_seq_length=recipe.trainer.max_seq_len,

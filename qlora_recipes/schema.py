@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -117,6 +117,29 @@ class Scheduler(Enum):
     inverse_sqrt = "inverse_sqrt"
     cosine_with_min_lr = "cosine_with_min_lr"
     warmup_stable_decay = "warmup_stable_decay"
+
+
+# The arguments each scheduler takes beyond the trainer's own (transformers' get_scheduler passes
+# trainer.lr_scheduler_kwargs to it; tests/test_validate.py checks these against transformers' signatures). Two need
+# one: cosine_with_min_lr min_lr_rate or min_lr, warmup_stable_decay num_decay_steps (resolve.validate)
+SCHEDULER_ARGS = {
+    "linear": (),
+    "cosine": ("num_cycles",),
+    "cosine_with_restarts": ("num_cycles",),
+    "polynomial": ("lr_end", "power"),
+    "constant": (),
+    "constant_with_warmup": (),
+    "inverse_sqrt": ("timescale",),
+    "cosine_with_min_lr": ("num_cycles", "min_lr", "min_lr_rate"),
+    "warmup_stable_decay": (
+        "num_decay_steps",
+        "num_stable_steps",
+        "warmup_type",
+        "decay_type",
+        "min_lr_ratio",
+        "num_cycles",
+    ),
+}
 
 
 class Optimizer(Enum):
@@ -296,6 +319,9 @@ class TrainerConfig:
     eval_batch_size: int = 8
     learning_rate: float = 2e-4
     lr_scheduler: Scheduler = Scheduler.cosine
+    # The scheduler's own arguments (SCHEDULER_ARGS), e.g. trainer.lr_scheduler=cosine_with_min_lr
+    # +trainer.lr_scheduler_kwargs.min_lr_rate=0.1 (a recipe sets them as a mapping)
+    lr_scheduler_kwargs: Dict[str, Any] = field(default_factory=dict)
     warmup_ratio: float = 0.0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

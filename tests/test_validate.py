@@ -94,6 +94,8 @@ GPU = Device(kind="cuda", count=1, bf16=True)
         (("resume_from_checkpoint=auto",), None, "output_dir"),
         (("data.test_fraction=1.5",), None, "test_fraction"),
         (("trainer.max_steps=0",), None, "max_steps=0"),
+        (("dist=single", "dist.num_machines=2", "dist.main_process_ip=10.0.0.1"), GPU, "runs on one machine"),
+        (("dist=ddp", "dist.num_machines=2", "dist.main_process_ip=10.0.0.1", "dist.num_processes=1"), None, "on CPU"),
         (("trainer=dpo",), None, "data.format=messages"),  # the SFT demo data set with DPO
         (("data=demo_dates_pref",), None, "preference pairs train with trainer=dpo or orpo"),
         (("trainer=orpo",), None, "trainer=orpo with data.format=messages"),
@@ -155,3 +157,147 @@ def test_compiler_probe_reads_path_and_cxx(tmp_path, monkeypatch):
 def test_checkpoint_offload_resolves_with_reentrant_checkpointing_on_a_gpu(recipe_of):
     recipe = recipe_of("+recipe=llama2_chatml", "trainer.offload_checkpoints=true", device=GPU).recipe
     assert recipe.trainer.offload_checkpoints and recipe.trainer.use_reentrant
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (("trainer.lr_scheduler=cosine_with_min_lr",), "needs one of min_lr"),
+        (
+            (
+                "trainer.lr_scheduler=cosine_with_min_lr",
+                "+trainer.lr_scheduler_kwargs.min_lr=1e-5",
+                "+trainer.lr_scheduler_kwargs.min_lr_rate=0.1",
+            ),
+            "needs one of min_lr",
+        ),
+        (("trainer.lr_scheduler=warmup_stable_decay",), "needs num_decay_steps"),
+        (
+            ("trainer.lr_scheduler=warmup_stable_decay", "+trainer.lr_scheduler_kwargs.num_decay_steps=0.5"),
+            "needs num_decay_steps",
+        ),
+        (("+trainer.lr_scheduler_kwargs.power=2",), "power, which lr_scheduler=cosine does not use"),
+        (("trainer.lr_scheduler=constant", "+trainer.lr_scheduler_kwargs.num_cycles=2"), "it takes none"),
+    ],
+)
+def test_scheduler_arguments_are_checked_before_training(recipe_of, overrides, message):
+    with pytest.raises(RecipeError) as info:
+        recipe_of(*overrides)
+    assert message in str(info.value)
+
+
+def test_scheduler_argument_table_matches_transformers():
+    import inspect
+
+    from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+    from transformers.trainer_utils import SchedulerType
+
+    from qlora_recipes.schema import SCHEDULER_ARGS, Scheduler
+
+    assert set(SCHEDULER_ARGS) == {s.value for s in Scheduler}
+    own = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
+    for name, args in SCHEDULER_ARGS.items():
+        params = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(name)]).parameters
+        assert set(args) == set(params) - own, name
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("trainer.lr_scheduler=cosine_with_min_lr", "+trainer.lr_scheduler_kwargs.min_lr_rate=0.1"),
+        ("trainer.lr_scheduler=warmup_stable_decay", "+trainer.lr_scheduler_kwargs.num_decay_steps=3"),
+        ("trainer.lr_scheduler=polynomial", "+trainer.lr_scheduler_kwargs.power=2.0"),
+    ],
+)
+def test_scheduler_arguments_reach_the_trainers_scheduler(recipe_of, overrides):
+    import torch
+    from transformers import get_scheduler
+    from trl import SFTConfig
+
+    from qlora_recipes import plan
+
+    recipe = recipe_of(*overrides).recipe
+    args = SFTConfig(**plan.training_kwargs(recipe, "/tmp/unused", on_cpu=True))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=args.learning_rate)
+    # as Trainer.create_scheduler builds it; it raised for these schedulers before their arguments could be set
+    scheduler = get_scheduler(
+        args.lr_scheduler_type, optimizer, 1, 10, scheduler_specific_kwargs=args.lr_scheduler_kwargs
+    )
+    rates = []
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+        rates.append(scheduler.get_last_lr()[0])
+    assert rates[-1] < rates[0]
+    if "cosine_with_min_lr" in overrides[0]:
+        assert rates[-1] == pytest.approx(0.1 * args.learning_rate)
+
+
+def test_full_fine_tuning_without_bf16_keeps_float32_weights_under_fp16(recipe_of):
+    old_gpu = Device(kind="cuda", count=1, bf16=False)
+    full = recipe_of("lora=none", "quant=none", device=old_gpu).recipe
+    assert (full.model.dtype.value, full.trainer.precision.value) == ("float32", "fp16")
+    qlora = recipe_of(device=old_gpu).recipe  # LoRA's adapters train in float32 over fp16 weights
+    assert (qlora.model.dtype.value, qlora.trainer.precision.value) == ("float16", "fp16")
+    with pytest.raises(RecipeError, match="cannot unscale"):
+        recipe_of("lora=none", "quant=none", "model.dtype=float16", "trainer.precision=fp16", device=old_gpu)
+
+
+def test_unsloth_refuses_what_its_path_would_drop(recipe_of):
+    with pytest.raises(RecipeError) as info:
+        recipe_of(
+            "+recipe=llama2_chatml",
+            "backend=unsloth",
+            "quant=int8",
+            "lora.use_dora=true",
+            "lora.last_n_layers=2",
+            device=GPU,
+        )
+    text = str(info.value)
+    for what in ("quant=int8", "lora.use_dora=true", "lora.last_n_layers", "trainable new-token rows"):
+        assert f"backend=unsloth does not support {what}" in text
+    with pytest.raises(RecipeError, match="backend=unsloth with lora=none"):
+        recipe_of("backend=unsloth", "lora=none", "quant=none", device=GPU)
+
+
+def test_unsloth_path_resizes_for_the_templates_tokens_and_passes_bias_and_rslora(
+    recipe_of, tiny_checkpoint, monkeypatch
+):
+    import sys
+    import types
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    from qlora_recipes import runner
+    from qlora_recipes.resolve import Resolved
+    from qlora_recipes.schema import Backend
+
+    calls = {}
+
+    class FastLanguageModel:  # unsloth's two entry points, as setup_unsloth_model calls them
+        @staticmethod
+        def from_pretrained(model_name, max_seq_length, dtype, load_in_4bit):
+            calls["load_in_4bit"] = load_in_4bit
+            return AutoModelForCausalLM.from_pretrained(model_name), None
+
+        @staticmethod
+        def get_peft_model(model, **kwargs):
+            calls.update(kwargs)
+            return model
+
+    monkeypatch.setitem(sys.modules, "unsloth", types.SimpleNamespace(FastLanguageModel=FastLanguageModel))
+    recipe = recipe_of(
+        "model=tiny_llama",
+        "template.add_tokens=true",
+        "lora.train_new_tokens=false",
+        "lora.use_rslora=true",
+        "lora.bias=lora_only",
+    ).recipe
+    recipe = replace(recipe, backend=Backend.unsloth)  # resolve would refuse it here: unsloth needs CUDA
+    tokenizer, new_ids = runner.setup_tokenizer(recipe, tiny_checkpoint)
+    assert new_ids  # chatml's tokens are new to the tiny Llama's tokenizer
+    model = runner.setup_model(Resolved(recipe=recipe, device=GPU), tiny_checkpoint, tokenizer, new_ids)
+    assert model.get_input_embeddings().weight.shape[0] >= len(tokenizer)
+    assert model.config.pad_token_id == tokenizer.pad_token_id
+    assert (calls["bias"], calls["use_rslora"], calls["load_in_4bit"]) == ("lora_only", True, True)
