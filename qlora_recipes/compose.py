@@ -56,8 +56,20 @@ def recipe_files() -> dict[str, Path]:
     return found
 
 
+def load_recipe(path: Path) -> DictConfig:
+    """One recipe file, or a RecipeError naming it (a broken file in a QLORA_RECIPES_PATH folder would otherwise stop
+    every command with a parser traceback)."""
+    try:
+        node = OmegaConf.load(path)
+    except Exception as exc:  # yaml's scanner/parser errors, and OmegaConf's for unsupported values
+        raise RecipeError(f"recipe file {path} cannot be read: {' '.join(str(exc).split())}") from None
+    if not isinstance(node, DictConfig):
+        raise RecipeError(f"recipe file {path} holds a {type(node).__name__}, not a mapping of groups and keys")
+    return node
+
+
 def recipe_description(path: Path) -> str:
-    cfg = OmegaConf.load(path)
+    cfg = load_recipe(path)
     return str(cfg.get("description", "")).strip() or "(no description)"
 
 
@@ -76,7 +88,7 @@ def register() -> None:
     cs = ConfigStore.instance()
     register_schema(cs)
     for name, path in recipe_files().items():
-        node = OmegaConf.load(path)
+        node = load_recipe(path)
         cs.store(group="recipe", name=name, node=node, package="_global_")
 
 

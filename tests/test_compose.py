@@ -82,3 +82,18 @@ def test_compose_imports_no_training_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "text, message", [("lora:\n  r: [4\n", "cannot be read"), ("- just\n- a list\n", "holds a ListConfig")]
+)
+def test_a_broken_user_recipe_is_named_not_a_traceback(tmp_path, monkeypatch, capsys, text, message):
+    from qlora_recipes import cli
+
+    (tmp_path / "broken.yaml").write_text(text)
+    monkeypatch.setenv("QLORA_RECIPES_PATH", str(tmp_path))
+    with pytest.raises(RecipeError, match=f"{tmp_path / 'broken.yaml'} {message}"):
+        compose(["+recipe=smollm2_chatml"])
+    assert cli.main(["ls"]) != 0
+    err = capsys.readouterr().err
+    assert "broken.yaml" in err and "Traceback" not in err
