@@ -29,6 +29,7 @@ from qlora_recipes import plan, rundir
 from qlora_recipes.compose import compose, recipe_description, recipe_files, with_default_recipe
 from qlora_recipes.errors import Interrupted, LaunchFailed, RecipeError
 from qlora_recipes.resolve import Resolved, probe_device, resolve
+from qlora_recipes.schema import RecipeConfig
 
 EXIT_USER_ERROR = 2
 
@@ -43,12 +44,23 @@ def plan_summary(resolved: Resolved, output_dir: str | Path) -> dict[str, Any]:
     return {
         "from_pretrained": plan.model_kwargs(recipe),
         "BitsAndBytesConfig": plan.bnb_kwargs(recipe),
-        "LoraConfig": plan.lora_kwargs(recipe),
+        "LoraConfig": lora_summary(recipe),
         f"{recipe.trainer.kind.value.upper()}Config": plan.trainer_kwargs(
             recipe, output_dir, on_cpu=resolved.device.kind == "cpu"
         ),
         "accelerate": plan.accelerate_config(recipe, on_cpu=resolved.device.kind == "cpu"),
     }
+
+
+def lora_summary(recipe: RecipeConfig) -> dict[str, Any] | None:
+    """plan.lora_kwargs before the model loads: with lora.last_n_layers, the layer indices and the linear layers'
+    names come from the loaded model (runner.adapter_config), so they are said, not guessed."""
+    kwargs = plan.lora_kwargs(recipe)
+    if kwargs and recipe.lora.last_n_layers is not None:
+        kwargs["layers_to_transform"] = f"the last {recipe.lora.last_n_layers} decoder layers (set once loaded)"
+        if list(recipe.lora.target_modules) == ["all-linear"]:
+            kwargs["target_modules"] = "all-linear (the linear layers' names, read once loaded)"
+    return kwargs
 
 
 def print_notes(resolved: Resolved) -> None:
@@ -62,7 +74,7 @@ def print_notes(resolved: Resolved) -> None:
         f"# derived: gradient_accumulation_steps = batch_size {t.batch_size} / "
         f"(micro_batch_size {t.micro_batch_size} x processes {plan.world_size(recipe)}) = {accumulation}"
     )
-    if recipe.lora.last_n_layers:
+    if recipe.lora.enabled and recipe.lora.last_n_layers:
         print(f"# derived: LoRA on the last {recipe.lora.last_n_layers} decoder layers (indices set once loaded)")
 
 

@@ -58,6 +58,10 @@ def test_show_prints_resolved_recipe_choices_and_plan():
     assert "# groups: recipe=smollm2_chatml" in out and "quant=nf4" in out
     assert "model.dtype auto -> float32" in out and "gradient_accumulation_steps" in out
     assert "  r: 16" in out and '"SFTConfig"' in out
+    # the default recipe's adapters sit on the top 6 of SmolLM2's 30 layers: no indices before the model loads
+    assert '"layers_to_transform": "the last 6 decoder layers (set once loaded)"' in out
+    full = cli("show", "lora=none", "quant=none").stdout
+    assert "LoRA on the last" not in full and '"LoraConfig": null' in full
 
 
 def test_validate_builds_objects():
