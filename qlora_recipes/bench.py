@@ -43,7 +43,7 @@ from typing import Any
 from qlora_recipes import models, plan
 from qlora_recipes.errors import LaunchFailed, RecipeError
 from qlora_recipes.report import fmt
-from qlora_recipes.schema import BenchShape
+from qlora_recipes.schema import BenchShape, TrainerKind
 from qlora_recipes.templates import CHATML
 
 log = logging.getLogger(__name__)
@@ -433,7 +433,10 @@ def variant_overrides(
             return concrete, resolve(with_cuda, resolved.device), None
         except RecipeError as exc:  # the recipe's checks refuse them together
             why = str(exc)
-    variant = resolve(compose(with_default_recipe([*overrides, *common, traced]))[0], resolved.device)
+    try:
+        variant = resolve(compose(with_default_recipe([*overrides, *common, traced]))[0], resolved.device)
+    except RecipeError as exc:
+        raise RecipeError(f"bench variant {name!r} ({' '.join(extra) or 'the recipe as it is'}): {exc}") from None
     return common, variant, f"{name}: left out `{' '.join(cuda_only)}` ({why})" if why else None
 
 
@@ -448,6 +451,11 @@ def run_bench(overrides: list[str]) -> list[Measured]:
     from qlora_recipes.cli import prepare_run_dir, resolve_overrides
 
     resolved, _ = resolve_overrides(overrides)
+    if resolved.recipe.trainer.kind is not TrainerKind.sft:
+        raise RecipeError(
+            f"bench measures SFT: its synthetic data are chat rows, and trainer.kind={resolved.recipe.trainer.kind.value} "
+            "trains on preference pairs. Bench an SFT recipe of the same model (e.g. +recipe=smollm2_chatml)"
+        )
     cfg = resolved.recipe.bench
     if cfg.steps < 1 or cfg.warmup < 0 or not cfg.variants:
         raise RecipeError("bench needs bench.steps >= 1, bench.warmup >= 0 and at least one bench.variants entry")

@@ -421,3 +421,15 @@ def test_memory_report_is_written_from_the_allocators_snapshot(tmp_path, monkeyp
     assert report["peak_gib"] == 1.5 == report["replayed_end_gib"] == report["allocated_end_gib"]
     assert report["live_at_peak"] == [{"where": "qlora_recipes/runner.py:5 forward", "gib": 0.5, "allocations": 1}]
     assert (tmp_path / "profile" / "memory_snapshot.pickle").stat().st_size > 0
+
+
+def test_bench_of_a_preference_recipe_says_it_measures_sft(tmp_path, capsys):
+    assert cli.main(["bench", "+recipe=smollm2_dpo", f"output_dir={tmp_path / 'b'}"]) != 0
+    err = capsys.readouterr().err
+    assert "bench measures SFT" in err and "trainer.kind=dpo" in err
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_variant_the_recipe_refuses_is_named(recipe_of):
+    with pytest.raises(RecipeError, match=r"(?s)bench variant 'optimized' \(lora.r=-1\): .*lora.r=-1: the rank"):
+        optimized_on(recipe_of, Device(), extra=["lora.r=-1"])
