@@ -476,6 +476,7 @@ GROUPS = {
     "dist": DistConfig,
     "trainer": TrainerConfig,
     "data": DataConfig,
+    "bench": BenchConfig,
 }
 
 

@@ -40,6 +40,8 @@ def test_default_recipe_is_used_without_one():
         ("lora.rr=3", ["lora.rr", "Did you mean lora.r?", "Valid keys of lora"]),
         ("+lora.rr=3", ["lora.rr", "Did you mean lora.r?"]),
         ("+trainer.learnig_rate=1", ["trainer.learnig_rate", "learning_rate"]),
+        ("+bench.stepz=3", ["bench.stepz", "Did you mean bench.steps?"]),
+        ("bench.stepz=3", ["bench.stepz", "Did you mean bench.steps?"]),
         ("sed=3", ["'sed'", "seed"]),
         ("quant=bogus", ["quant/bogus", "nf4", "fp4", "int8", "none"]),
         ("lora.r=abc", ["lora.r", "abc", "Integer"]),
