@@ -594,6 +594,20 @@ def validate(resolved: Resolved) -> None:
         f"dist.zero3_leaf_blocks=true with dist={backend.value}: it is a ZeRO-3 setting (how parameters are "
         "fetched). Use dist=zero3 or set it false",
     )
+    backend_knobs = {  # set, each would be dropped by the other backends' launch configs (plan.accelerate_config)
+        "dist.fsdp_offload_params=true": (r.dist.fsdp_offload_params, backend is DistBackend.fsdp, "dist=fsdp"),
+        "dist.fsdp_reshard_after_forward=false": (
+            not r.dist.fsdp_reshard_after_forward,
+            plan.is_fsdp2(r),
+            "dist=fsdp with dist.fsdp_version=2 (FSDP v1 always reshards: FULL_SHARD)",
+        ),
+        **{
+            f"dist.{key}": (getattr(r.dist, key) is not None, plan.is_zero3(r), "dist=zero3 or zero3_offload")
+            for key in ("zero3_persistence_threshold", "zero3_prefetch_bucket_size", "zero3_reduce_bucket_size")
+        },
+    }
+    for knob, (set_, read, where) in backend_knobs.items():
+        need(not set_ or read, f"{knob} with dist={backend.value}: only {where} reads it. Use that, or leave it unset")
     need(
         not t.profile_python or bool(t.profile_steps),
         "trainer.profile_python=true records Python calls in the traced steps, and trainer.profile_steps names none. "

@@ -94,6 +94,13 @@ GPU = Device(kind="cuda", count=1, bf16=True)
         (("resume_from_checkpoint=auto",), None, "output_dir"),
         (("data.test_fraction=1.5",), None, "test_fraction"),
         (("trainer.max_steps=0",), None, "max_steps=0"),
+        (("dist.fsdp_offload_params=true",), None, "dist.fsdp_offload_params=true with dist=single: only dist=fsdp"),
+        (
+            ("dist=fsdp", "dist.fsdp_reshard_after_forward=false", "dist.num_processes=2", "trainer.batch_size=16"),
+            Device("cuda", 2, True),
+            "FSDP v1 always reshards",
+        ),
+        (("dist.zero3_prefetch_bucket_size=1000",), None, "dist.zero3_prefetch_bucket_size with dist=single"),
         (("dist=single", "dist.num_machines=2", "dist.main_process_ip=10.0.0.1"), GPU, "runs on one machine"),
         (("dist=ddp", "dist.num_machines=2", "dist.main_process_ip=10.0.0.1", "dist.num_processes=1"), None, "on CPU"),
         (("trainer=dpo",), None, "data.format=messages"),  # the SFT demo data set with DPO
