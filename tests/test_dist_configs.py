@@ -134,8 +134,8 @@ def test_zero3_fetch_settings_replace_accelerates_auto(recipe_of):
         "stage3_prefetch_bucket_size": 50000000,
         "reduce_bucket_size": 2000000,
     }
-    ddp = recipe_of(*SHARDED_QLORA, "dist=ddp", "dist.zero3_persistence_threshold=5", device=GPUS).recipe
-    assert plan.zero3_overrides(ddp) == {}
+    with pytest.raises(RecipeError, match="zero3_persistence_threshold with dist=ddp: only dist=zero3"):
+        recipe_of(*SHARDED_QLORA, "dist=ddp", "dist.zero3_persistence_threshold=5", device=GPUS)  # not dropped unsaid
 
 
 @pytest.mark.parametrize(
