@@ -6,8 +6,11 @@ with aten's (`fallback_random`, as the runner sets for lora.hash_dropout). Print
 slowest generated kernels per call.
 
     python scripts/norm_dropout_kernels.py [TOKENS] [REPEATS]   (defaults 8192 20; needs CUDA)
+
+ONLY="nn.Dropout,fallback" (comma-separated parts of names) runs only the variants whose name contains one of them.
 """
 
+import os
 import statistics
 import sys
 import time
@@ -78,7 +81,8 @@ def main() -> None:
         ("dynamic, no dropout", True, torch.nn.Identity),
         ("static, no dropout", False, torch.nn.Identity),
     ]:
-        run(name, dynamic, dropout, tokens, repeats, *fallback_random)
+        if any(part in name for part in os.environ.get("ONLY", name).split(",")):
+            run(name, dynamic, dropout, tokens, repeats, *fallback_random)
 
 
 if __name__ == "__main__":
