@@ -21,8 +21,8 @@ variant's at the same step: variants see the same data in the same order with th
 setting that changes the arithmetic shows here (issue 6 holds the optimized path within 1% over 50 steps).
 The default variants are `plain` (the original flow: no compile, no Liger) and `optimized` (this
 project's speed settings; docs/performance.md says which pay). A variant's `cuda:KEY=VALUE` overrides apply only where
-it trains on a CUDA GPU and the recipe admits them together (optimized's checkpoint offload, sublayer checkpoints, lean
-recompute and micro-batch of 4); elsewhere bench runs it without them and says why.
+it trains on a CUDA GPU, in order, as many as the recipe admits together (optimized's checkpoint offload, sublayer
+checkpoints, lean recompute, kept q/k/v outputs and micro-batch of 4); bench runs it without the rest and says why.
 """
 
 from __future__ import annotations
@@ -412,32 +412,45 @@ CUDA_ONLY = "cuda:"
 def variant_overrides(
     name: str, extra: list[str], overrides: list[str], resolved: Any, traced: str
 ) -> tuple[list[str], Any, str | None]:
-    """A variant's concrete overrides, its resolved recipe, and why its `cuda:KEY=VALUE` overrides were left out (None
-    when it has none or they apply). Those apply where the variant trains on a CUDA GPU and the recipe admits them
-    together (the checkpoint offload needs a GPU; sublayer checkpoints need reentrant checkpointing, one whole model
-    per GPU and backend=hf): a bench of any recipe runs its fastest valid settings, and says which it could not. An
-    override that does not compose (an unknown key, a bad value) fails on every device, cuda: or not."""
+    """A variant's concrete overrides, its resolved recipe, and which of its `cuda:KEY=VALUE` overrides were left out
+    and why (None when it has none or all apply). They apply where the variant trains on a CUDA GPU, in their order,
+    as many as the recipe admits together: the first one it refuses is left out with every one after it (the
+    checkpoint offload needs a GPU; sublayer checkpoints need reentrant checkpointing, one whole model per GPU and
+    backend=hf; optimized's micro-batch of 4 comes last, as it fits plain's memory only with the offload before it). A
+    bench of any recipe runs its fastest valid settings, and says which it could not. An override that does not
+    compose (an unknown key, a bad value) fails on every device, cuda: or not."""
     from qlora_recipes.compose import compose, with_default_recipe
     from qlora_recipes.resolve import resolve
 
     common = at_least([o for o in extra if not o.startswith(CUDA_ONLY)], resolved.recipe)
     cuda_only = at_least([o.removeprefix(CUDA_ONLY) for o in extra if o.startswith(CUDA_ONLY)], resolved.recipe)
-    keys = {o.partition("=")[0] for o in cuda_only}
-    concrete = [*(o for o in common if o.partition("=")[0] not in keys), *cuda_only]
-    with_cuda, _ = compose(with_default_recipe([*overrides, *concrete, traced]))
-    why = None
-    if cuda_only and resolved.device.kind != "cuda":
-        why = "no CUDA GPU"
-    elif cuda_only:
+
+    def concrete(cuda: list[str]) -> list[str]:
+        keys = {o.partition("=")[0] for o in cuda}
+        return [*(o for o in common if o.partition("=")[0] not in keys), *cuda]
+
+    def resolved_with(cuda: list[str]) -> Any:
+        return resolve(compose(with_default_recipe([*overrides, *concrete(cuda), traced]))[0], resolved.device)
+
+    compose(with_default_recipe([*overrides, *concrete(cuda_only), traced]))  # composes on any device
+    why, applied = (None, len(cuda_only)) if resolved.device.kind == "cuda" else ("no CUDA GPU", 0)
+    while applied:
         try:
-            return concrete, resolve(with_cuda, resolved.device), None
-        except RecipeError as exc:  # the recipe's checks refuse them together
-            why = str(exc)
-    try:
-        variant = resolve(compose(with_default_recipe([*overrides, *common, traced]))[0], resolved.device)
-    except RecipeError as exc:
-        raise RecipeError(f"bench variant {name!r} ({' '.join(extra) or 'the recipe as it is'}): {exc}") from None
-    return common, variant, f"{name}: left out `{' '.join(cuda_only)}` ({why})" if why else None
+            variant = resolved_with(cuda_only[:applied])
+            break
+        except RecipeError as exc:  # the recipe's checks refuse them together: one fewer, from the end
+            why, applied = str(exc), applied - 1
+    else:
+        try:
+            variant = resolved_with([])
+        except RecipeError as exc:
+            raise RecipeError(f"bench variant {name!r} ({' '.join(extra) or 'the recipe as it is'}): {exc}") from None
+    left_out = cuda_only[applied:]
+    return (
+        concrete(cuda_only[:applied]),
+        variant,
+        f"{name}: left out `{' '.join(left_out)}` ({why})" if left_out else None,
+    )
 
 
 def rows_needed(recipe: Any, steps: int) -> int:

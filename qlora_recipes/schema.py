@@ -410,7 +410,8 @@ class BenchConfig:
     # "NAME" or "NAME: overrides" on top of the recipe, e.g. 'bench.variants=[plain,"fsdp: dist=fsdp"]';
     # each runs in its own process, in this order; the first is the baseline of the "vs first" column
     # (an override KEY>=N sets KEY to at least N, keeping a larger recipe value; the cuda:KEY=VALUE ones apply where
-    # the variant trains on a CUDA GPU and the recipe admits them together, else are left out and bench says why);
+    # the variant trains on a CUDA GPU, in order, as many as the recipe admits together: the first it refuses is left
+    # out with those after it, and bench says why);
     # the default: the original flow beside this project's speed settings, both on the recipe's own settings (the
     # optimized micro-batch is at least 2 sequences: llama2_chatml's 1 x 4 becomes 2 x 2, same batch; on a GPU, 4 x 1
     # with the checkpoints offloaded to host memory, checkpointed by sublayer, recomputed lean, q/k/v's frozen outputs

@@ -204,6 +204,19 @@ def test_cuda_only_overrides_the_recipe_refuses_are_left_out_with_its_reason(rec
     assert not variant.recipe.trainer.offload_checkpoints and variant.recipe.trainer.torch_compile
 
 
+def test_cuda_only_overrides_apply_up_to_the_first_the_recipe_refuses(recipe_of):
+    # a full fine-tune: the offload and sublayer checkpoints apply; lean recompute needs LoRA, so it is left out with
+    # everything after it (the micro-batch of 4 fits plain's memory only with all of them)
+    concrete, variant, why = optimized_on(recipe_of, GPU, "quant=none", "lora.enabled=false")
+    assert why.startswith(
+        "optimized: left out `trainer.lean_recompute=true trainer.keep_projections=[q_proj,k_proj,v_proj] "
+        "trainer.micro_batch_size=4` ("
+    )
+    assert "trainer.lean_recompute=true skips" in why and "lora.enabled=false" in why
+    assert concrete[-2:] == ["trainer.offload_checkpoints=true", "trainer.checkpoint_sublayers=true"]
+    assert gpu_settings(variant) == (True, True, False, [], 2)
+
+
 @pytest.mark.parametrize("device", [GPU, Device()])
 def test_a_cuda_only_override_that_does_not_compose_fails_on_any_device(recipe_of, device):
     with pytest.raises(RecipeError, match="Unknown key 'trainer.offload_checkpoint'"):
