@@ -248,8 +248,9 @@ class LoraConfig:
     # Each layer's dropout masks from a keyed integer hash of the element's index instead of Philox (hash_dropout.py):
     # about a dozen int32 operations an element instead of ~100, the same keep probability and scaling, other random
     # draws; a compiled backward hashes them again instead of keeping them (on CPU a 7B-shaped block keeps 359 instead
-    # of 428 MiB at 2,048 tokens). Not yet measured on a GPU in its final form (docs/gpu.md, twenty-eighth session).
-    # Needs LoRA with dropout > 0, backend=hf, not lora.lean_dropout (which draws its own masks)
+    # of 428 MiB at 2,048 tokens). On an H100, 1.04x the step of bench's off4slk (docs/gpu.md, thirty-first session);
+    # bench's `optimized` turns it on on GPUs. Needs LoRA with dropout > 0, backend=hf, not lora.lean_dropout (which
+    # draws its own masks)
     hash_dropout: bool = False
 
 
@@ -415,7 +416,7 @@ class BenchConfig:
     # the default: the original flow beside this project's speed settings, both on the recipe's own settings (the
     # optimized micro-batch is at least 2 sequences: llama2_chatml's 1 x 4 becomes 2 x 2, same batch; on a GPU, 4 x 1
     # with the checkpoints offloaded to host memory, checkpointed by sublayer, recomputed lean, q/k/v's frozen outputs
-    # kept for the recompute: docs/performance.md)
+    # kept for the recompute, and hashed LoRA dropout masks where the recipe has LoRA dropout: docs/performance.md)
     variants: List[str] = field(
         default_factory=lambda: [
             "plain: trainer.torch_compile=false trainer.liger=false trainer.cudnn_attention=true "
@@ -425,7 +426,7 @@ class BenchConfig:
             "quant.upcast_unquantized=false trainer.micro_batch_size>=2 trainer.lazy_metrics=true "
             "trainer.async_inputs=true cuda:trainer.offload_checkpoints=true cuda:trainer.checkpoint_sublayers=true "
             "cuda:trainer.lean_recompute=true cuda:trainer.keep_projections=[q_proj,k_proj,v_proj] "
-            "cuda:trainer.micro_batch_size>=4",
+            "cuda:trainer.micro_batch_size>=4 cuda:lora.hash_dropout=true",
         ]
     )
     profile: bool = False  # trace the last measured step of each variant with torch.profiler (left out of the figures)
