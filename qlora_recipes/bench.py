@@ -417,7 +417,7 @@ def variant_overrides(
     and why (None when it has none or all apply). They apply where the variant trains on a CUDA GPU, in their order,
     as many as the recipe admits together: the first one it refuses is left out with every one after it (the
     checkpoint offload needs a GPU; sublayer checkpoints need reentrant checkpointing, one whole model per GPU and
-    backend=hf; optimized's micro-batch of 4 comes last, as it fits plain's memory only with the offload before it). A
+    backend=hf; optimized's micro-batch of 4 comes after them, as it fits plain's memory only with the offload). A
     bench of any recipe runs its fastest valid settings, and says which it could not. An override that does not
     compose (an unknown key, a bad value) fails on every device, cuda: or not."""
     from qlora_recipes.compose import compose, with_default_recipe
