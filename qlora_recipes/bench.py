@@ -430,22 +430,24 @@ def variant_overrides(
         keys = {o.partition("=")[0] for o in cuda}
         return [*(o for o in common if o.partition("=")[0] not in keys), *cuda]
 
-    def resolved_with(cuda: list[str]) -> Any:
-        return resolve(compose(with_default_recipe([*overrides, *concrete(cuda), traced]))[0], resolved.device)
+    def composed(cuda: list[str]) -> Any:
+        return compose(with_default_recipe([*overrides, *concrete(cuda), traced]))[0]
 
-    compose(with_default_recipe([*overrides, *concrete(cuda_only), traced]))  # composes on any device
+    config = composed(cuda_only)  # all of them compose, on any device
     why, applied = (None, len(cuda_only)) if resolved.device.kind == "cuda" else ("no CUDA GPU", 0)
-    while applied:
+    if applied < len(cuda_only):
+        config = composed([])
+    while True:
         try:
-            variant = resolved_with(cuda_only[:applied])
+            variant = resolve(config, resolved.device)
             break
         except RecipeError as exc:  # the recipe's checks refuse them together: one fewer, from the end
+            if not applied:
+                raise RecipeError(
+                    f"bench variant {name!r} ({' '.join(extra) or 'the recipe as it is'}): {exc}"
+                ) from None
             why, applied = str(exc), applied - 1
-    else:
-        try:
-            variant = resolved_with([])
-        except RecipeError as exc:
-            raise RecipeError(f"bench variant {name!r} ({' '.join(extra) or 'the recipe as it is'}): {exc}") from None
+            config = composed(cuda_only[:applied])
     left_out = cuda_only[applied:]
     return (
         concrete(cuda_only[:applied]),
