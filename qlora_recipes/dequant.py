@@ -10,7 +10,10 @@ The arithmetic is bitsandbytes': element 2i of a weight sits in the high nibble 
 one, each indexes the 16-entry code (`quant_state.code`), times its block's absmax in float32, rounded once to the
 compute dtype; a nested absmax is `state2.code[byte] * state2.absmax[block // 256] + offset`. The backward
 dequantizes again instead of keeping the weight, as bitsandbytes' MatMul4Bit does, so memory stays the same.
-Used for nf4 weights of one process per GPU (single, ddp); other layers keep bitsandbytes' path.
+Used for nf4 weights of one process per GPU (single, ddp); other layers keep bitsandbytes' path. On the Llama-2-7B
+shape bitsandbytes' dequantization kernels take 22-23 ms of a GPU-bound 0.6 s step (docs/gpu.md call CH); this ran
+1.02x and 1.01x beside it on two H100s (calls CE, CF) at equal memory, so bench's `optimized` turns it on on GPUs
+(recipes keep it off).
 """
 
 from __future__ import annotations

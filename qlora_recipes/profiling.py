@@ -2,6 +2,9 @@
 
 - ops_by_cuda.txt / ops_by_cpu.txt: torch.profiler's operator tables, by GPU and by host time;
 - gpu_busy.json: the traced wall time and how much of it the GPU was running a kernel;
+- kernels.json: every GPU activity of the traced steps by full name, with its calls and total time, largest first
+  (the operator tables cut names and stop at 40 rows; two traces diffed by kernel name show which work grows with
+  the tokens of a step and which does not);
 - idle.json: the GPU's idle gaps, each put down to the host operation that was running through it (a step
   that waits on the host shows which host work to cut), and, for multi-GPU runs, the NCCL kernels' time and
   how much of it no compute kernel overlapped (communication the step waits for). With `trainer.profile_python`
@@ -107,6 +110,7 @@ class StepProfiler:
         kernels, host = traced_events(profiler.events())
         busy = gpu_busy([(k.start, k.end, "CUDA") for k in kernels] + [(h.start, h.end, "CPU") for h in host])
         (self.out / "gpu_busy.json").write_text(json.dumps(busy, indent=2))
+        (self.out / "kernels.json").write_text(json.dumps(kernel_totals(kernels), indent=1))
         (self.out / "idle.json").write_text(json.dumps(idle_report(kernels, host), indent=2))
         log.info("profiled steps: %s", json.dumps(busy))
         log.info("profile of steps %s written to %s", self.steps, self.out)
@@ -315,6 +319,17 @@ def gpu_busy(spans: list[tuple[float, float, str]]) -> dict[str, float | int | N
         "gpu_busy_fraction": busy / wall if device and wall else None,
         "kernels": len(device),
     }
+
+
+def kernel_totals(kernels: list[Kernel]) -> list[dict[str, Any]]:
+    """Each GPU activity name with its calls and summed duration (ms), largest total first."""
+    totals: dict[str, list[float]] = {}
+    for k in kernels:
+        entry = totals.setdefault(k.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += k.end - k.start
+    ranked = sorted(totals.items(), key=lambda item: -item[1][1])
+    return [{"name": name, "calls": int(calls), "total_ms": round(us / 1e3, 4)} for name, (calls, us) in ranked]
 
 
 def idle_report(kernels: list[Kernel], host: list[HostOp], top: int = 15) -> dict[str, Any]:

@@ -219,7 +219,8 @@ class QuantConfig:
     # checkpointed activations (as under FSDP/ZeRO-3, where that cast is always skipped)
     upcast_unquantized: bool = True
     # with trainer.torch_compile: nf4 weights dequantized by torch ops inside the compiled blocks (one fused kernel a
-    # weight, no bitsandbytes Python call a matmul; same arithmetic, dequant.py); one whole model per GPU
+    # weight, no bitsandbytes Python call a matmul; same arithmetic, dequant.py); one whole model per GPU; bench's
+    # `optimized` turns it on on GPUs
     compiled_dequant: bool = False
 
 
@@ -416,7 +417,8 @@ class BenchConfig:
     # the default: the original flow beside this project's speed settings, both on the recipe's own settings (the
     # optimized micro-batch is at least 2 sequences: llama2_chatml's 1 x 4 becomes 2 x 2, same batch; on a GPU, 4 x 1
     # with the checkpoints offloaded to host memory, checkpointed by sublayer, recomputed lean, q/k/v's frozen outputs
-    # kept for the recompute, and hashed LoRA dropout masks where the recipe has LoRA dropout: docs/performance.md)
+    # kept for the recompute, hashed LoRA dropout masks where the recipe has LoRA dropout, and nf4 weights dequantized
+    # inside the compiled blocks: docs/performance.md)
     variants: List[str] = field(
         default_factory=lambda: [
             "plain: trainer.torch_compile=false trainer.liger=false trainer.cudnn_attention=true "
@@ -426,7 +428,7 @@ class BenchConfig:
             "quant.upcast_unquantized=false trainer.micro_batch_size>=2 trainer.lazy_metrics=true "
             "trainer.async_inputs=true cuda:trainer.offload_checkpoints=true cuda:trainer.checkpoint_sublayers=true "
             "cuda:trainer.lean_recompute=true cuda:trainer.keep_projections=[q_proj,k_proj,v_proj] "
-            "cuda:trainer.micro_batch_size>=4 cuda:lora.hash_dropout=true",
+            "cuda:trainer.micro_batch_size>=4 cuda:lora.hash_dropout=true cuda:quant.compiled_dequant=true",
         ]
     )
     profile: bool = False  # trace the last measured step of each variant with torch.profiler (left out of the figures)

@@ -113,7 +113,9 @@ def test_default_variants_are_the_plain_flow_and_the_optimized_one():
     # metrics (tenth session: 1.09x over it in the same call) and async inputs (eleventh: 1.07x and 1.05x); on a GPU
     # off4sl (twenty-second and twenty-third sessions: 3.53x and 4.05x plain within its reserved memory) with q/k/v's
     # outputs kept for the recompute (off4slk, twenty-fifth and twenty-sixth sessions) and hashed LoRA dropout masks
-    # (off4slkh, thirty-first session: 1.04x off4slk on an H100, 4.64x plain under its reserved memory)
+    # (off4slkh, thirty-first session: 1.04x off4slk on an H100, 4.64x plain under its reserved memory), then nf4
+    # weights dequantized inside the compiled blocks (thirty-second session: 1.02x and 1.01x off4slkh in calls CE and
+    # CF, at equal memory)
     assert set(variants["optimized"]) == {
         "trainer.torch_compile=true",
         "model.attn_implementation=fastest",
@@ -128,6 +130,7 @@ def test_default_variants_are_the_plain_flow_and_the_optimized_one():
         "cuda:trainer.keep_projections=[q_proj,k_proj,v_proj]",
         "cuda:trainer.micro_batch_size>=4",
         "cuda:lora.hash_dropout=true",
+        "cuda:quant.compiled_dequant=true",
     }
 
 
@@ -171,30 +174,32 @@ def optimized_on(recipe_of, device, *overrides, extra=None):
 
 
 def gpu_settings(variant):
-    t, hashed = variant.recipe.trainer, variant.recipe.lora.hash_dropout
+    t, r = variant.recipe.trainer, variant.recipe
     return (
         t.offload_checkpoints,
         t.checkpoint_sublayers,
         t.lean_recompute,
         list(t.keep_projections),
         t.micro_batch_size,
-        hashed,
+        r.lora.hash_dropout,
+        r.quant.compiled_dequant,
     )
 
 
 def test_cuda_only_overrides_apply_on_a_gpu(recipe_of):
     concrete, variant, why = optimized_on(recipe_of, GPU)
     assert why is None
-    assert concrete[-6:] == [
+    assert concrete[-7:] == [
         "trainer.offload_checkpoints=true",
         "trainer.checkpoint_sublayers=true",
         "trainer.lean_recompute=true",
         "trainer.keep_projections=[q_proj,k_proj,v_proj]",
         "trainer.micro_batch_size=4",  # llama2_chatml's 1 x 4 becomes 4 x 1 (the common floor of 2 is dropped)
         "lora.hash_dropout=true",
+        "quant.compiled_dequant=true",
     ]
     assert not any(o.startswith(bench.CUDA_ONLY) or o == "trainer.micro_batch_size=2" for o in concrete)
-    assert gpu_settings(variant) == (True, True, True, ["q_proj", "k_proj", "v_proj"], 4, True)
+    assert gpu_settings(variant) == (True, True, True, ["q_proj", "k_proj", "v_proj"], 4, True, True)
     t = variant.recipe.trainer
     assert t.torch_compile and t.lazy_metrics and t.batch_size == 4
 
@@ -203,7 +208,7 @@ def test_cuda_only_overrides_are_left_out_on_cpu(recipe_of):
     concrete, variant, why = optimized_on(recipe_of, Device())
     assert why.startswith("optimized: left out `trainer.offload_checkpoints=true") and why.endswith("(no CUDA GPU)")
     assert "trainer.micro_batch_size=2" in concrete and not any("offload" in o or "sublayers" in o for o in concrete)
-    assert gpu_settings(variant) == (False, False, False, [], 2, False)
+    assert gpu_settings(variant) == (False, False, False, [], 2, False, False)
 
 
 def test_cuda_only_overrides_the_recipe_refuses_are_left_out_with_its_reason(recipe_of):
@@ -220,18 +225,24 @@ def test_cuda_only_overrides_apply_up_to_the_first_the_recipe_refuses(recipe_of)
     concrete, variant, why = optimized_on(recipe_of, GPU, "quant=none", "lora.enabled=false")
     assert why.startswith(
         "optimized: left out `trainer.lean_recompute=true trainer.keep_projections=[q_proj,k_proj,v_proj] "
-        "trainer.micro_batch_size=4 lora.hash_dropout=true` ("
+        "trainer.micro_batch_size=4 lora.hash_dropout=true quant.compiled_dequant=true` ("
     )
     assert "trainer.lean_recompute=true skips" in why and "lora.enabled=false" in why
     assert concrete[-2:] == ["trainer.offload_checkpoints=true", "trainer.checkpoint_sublayers=true"]
-    assert gpu_settings(variant) == (True, True, False, [], 2, False)
+    assert gpu_settings(variant) == (True, True, False, [], 2, False, False)
 
 
-def test_hashed_dropout_is_left_out_alone_where_the_recipe_has_no_lora_dropout(recipe_of):
-    # the last cuda: override: a recipe without LoRA dropout keeps the offload and the rest of optimized's GPU settings
+def test_the_last_two_cuda_overrides_leave_the_offload_and_the_rest_in_place(recipe_of):
+    # the hash and compiled dequantization come last, in that order: a recipe without LoRA dropout keeps the offload
+    # and the rest of optimized's GPU settings (it loses the dequantization after the hash too); a recipe without 4-bit
+    # weights keeps the hash as well
     concrete, variant, why = optimized_on(recipe_of, GPU, "lora.dropout=0")
-    assert why.startswith("optimized: left out `lora.hash_dropout=true` (") and "It needs LoRA with dropout > 0" in why
-    assert gpu_settings(variant) == (True, True, True, ["q_proj", "k_proj", "v_proj"], 4, False)
+    assert why.startswith("optimized: left out `lora.hash_dropout=true quant.compiled_dequant=true` (")
+    assert "It needs LoRA with dropout > 0" in why
+    assert gpu_settings(variant) == (True, True, True, ["q_proj", "k_proj", "v_proj"], 4, False, False)
+    concrete, variant, why = optimized_on(recipe_of, GPU, "quant=none")
+    assert why.startswith("optimized: left out `quant.compiled_dequant=true` (") and "no 4-bit nf4 weights" in why
+    assert gpu_settings(variant) == (True, True, True, ["q_proj", "k_proj", "v_proj"], 4, True, False)
 
 
 @pytest.mark.parametrize("device", [GPU, Device()])
@@ -272,6 +283,7 @@ def test_bench_runs_each_variant_and_writes_the_table(tmp_path, capsys):
         busy = json.loads((out / result["name"] / "profile" / "gpu_busy.json").read_text())
         assert busy["wall_ms"] > 0 and busy["kernels"] == 0 and busy["gpu_busy_fraction"] is None  # CPU: no kernels
         assert json.loads((out / result["name"] / "profile" / "idle.json").read_text()) == {"idle_ms": None, "gaps": 0}
+        assert json.loads((out / result["name"] / "profile" / "kernels.json").read_text()) == []  # CPU: no kernels
         assert not (out / result["name"] / "profile" / "memory_peak.json").exists()  # CUDA's allocator only
         assert not (out / result["name"] / "adapter").exists()  # bench saves nothing
     recipe = (out / "r4" / "recipe.yaml").read_text()
@@ -343,6 +355,21 @@ def test_gpu_busy_is_the_union_of_kernel_spans_over_the_wall():
     busy = profiling.gpu_busy(spans)  # kernels 1-3 ms and 2-4 ms overlap: 3 ms, then 1 ms, of a 10 ms wall
     assert busy == {"wall_ms": 10.0, "gpu_busy_ms": 4.0, "gpu_busy_fraction": 0.4, "kernels": 3}
     assert profiling.gpu_busy([(0.0, 5.0, "CPU")])["gpu_busy_fraction"] is None
+
+
+def test_kernel_totals_add_up_each_kernel_name_largest_first():
+    kernels = [
+        profiling.Kernel(0.0, 500.0, "gemm"),
+        profiling.Kernel(600.0, 700.0, "norm"),
+        profiling.Kernel(800.0, 1_300.0, "gemm"),
+        profiling.Kernel(1_400.0, 2_200.0, "copy"),
+    ]
+    assert profiling.kernel_totals(kernels) == [
+        {"name": "gemm", "calls": 2, "total_ms": 1.0},
+        {"name": "copy", "calls": 1, "total_ms": 0.8},
+        {"name": "norm", "calls": 1, "total_ms": 0.1},
+    ]
+    assert profiling.kernel_totals([]) == []
 
 
 def test_idle_gaps_name_the_python_functions_running_through_them():

@@ -71,7 +71,8 @@ def test_optimized_variant_follows_the_plain_loss_curve(tmp_path, cuda_only):
     """Issue 6's faithfulness rule on a model that learns: bench's default `plain` and `optimized` variants train the
     same packed data with the same seed for 50 steps; every logged loss of optimized stays within 1% of plain's. On a
     GPU optimized includes its cuda: settings (checkpoint offload, sublayer checkpoints, lean recompute, kept q/k/v,
-    micro-batch 4, hashed dropout masks); the second case runs it without them, as it runs off a GPU."""
+    micro-batch 4, hashed dropout masks, nf4 weights dequantized in the compiled blocks); the second case runs it
+    without them, as it runs off a GPU."""
     import json
 
     from qlora_recipes import bench, cli
@@ -98,6 +99,7 @@ def test_optimized_variant_follows_the_plain_loss_curve(tmp_path, cuda_only):
         assert left_out is None, left_out
         assert ("trainer.lean_recompute=true" in overrides) == (cuda_only and name == "optimized")
         assert ("lora.hash_dropout=true" in overrides) == (cuda_only and name == "optimized")
+        assert ("quant.compiled_dequant=true" in overrides) == (cuda_only and name == "optimized")
         assert cli.main(["run", *base, *overrides, f"output_dir={tmp_path / name}"]) == 0
         curves[name] = json.loads((tmp_path / name / "metrics.json").read_text())["train"]["loss_curve"]
     plain, optimized = curves["plain"], curves["optimized"]
