@@ -48,18 +48,25 @@ def block_absmax(quant_state: Any) -> Any:
 
 
 class Matmul4bit(torch.autograd.Function):
-    """x @ W.t() with W dequantized in the forward and again in the backward (only the packed weight is kept)."""
+    """x @ W.t() with W dequantized in the forward and again in the backward (only the packed weight is kept); with
+    `add`, `beta * add + x @ W.t()` as one `addmm`, the GEMM reading `add` in its epilogue (lora.add_in_base)."""
 
     @staticmethod
-    def forward(ctx, x, packed, absmax, code, blocksize, shape):
+    def forward(ctx, x, packed, absmax, code, blocksize, shape, add, beta):
         ctx.save_for_backward(packed, absmax, code)
-        ctx.blocksize, ctx.shape = blocksize, shape
-        return x @ dequantize(packed, absmax, code, blocksize, shape, x.dtype).t()
+        ctx.blocksize, ctx.shape, ctx.beta = blocksize, shape, beta
+        weight = dequantize(packed, absmax, code, blocksize, shape, x.dtype)
+        if add is None:
+            return x @ weight.t()
+        flat = torch.addmm(add.reshape(-1, add.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t(), beta=beta)
+        return flat.view(add.shape)
 
     @staticmethod
     def backward(ctx, grad):
         packed, absmax, code = ctx.saved_tensors
-        return input_grad(grad, packed, absmax, code, ctx.blocksize, ctx.shape), None, None, None, None, None
+        grad_x = input_grad(grad, packed, absmax, code, ctx.blocksize, ctx.shape)
+        grad_add = grad * ctx.beta if ctx.needs_input_grad[6] else None
+        return grad_x, None, None, None, None, None, grad_add, None
 
 
 def input_grad(grad: Any, packed: Any, absmax: Any, code: Any, blocksize: int, shape: Any) -> Any:
@@ -76,12 +83,16 @@ def eligible(module: Any) -> bool:
     return (rows * cols) % state.blocksize == 0
 
 
-def forward(self: Any, x: Any) -> Any:
-    """Linear4bit.forward's contract (input cast to the compute dtype, output back to the input's dtype)."""
+def forward(self: Any, x: Any, add: Any = None, beta: float = 1.0) -> Any:
+    """Linear4bit.forward's contract (input cast to the compute dtype, output back to the input's dtype); `add`
+    (x's shape but the output width), scaled by `beta`, is added by the product itself (lora.add_in_base)."""
     dtype = x.dtype
     x = x.to(self.compute_dtype or dtype)
     state = self.weight.quant_state
-    out = Matmul4bit.apply(x, self.weight, block_absmax(state), state.code, state.blocksize, tuple(state.shape))
+    add = None if add is None else add.to(x.dtype)
+    out = Matmul4bit.apply(
+        x, self.weight, block_absmax(state), state.code, state.blocksize, tuple(state.shape), add, beta
+    )
     if self.bias is not None:
         out = out + self.bias.to(out.dtype)
     return out.to(dtype)

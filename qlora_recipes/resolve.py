@@ -504,6 +504,14 @@ def validate(resolved: Resolved) -> None:
         "ZeRO-3's or FSDP's hooks). Set it false or change those",
     )
     need(
+        not lora.add_in_base or (lora.enabled and q.compiled_dequant and not lora.fused_add and not lora.lean_dropout),
+        f"lora.add_in_base=true has the routed nf4 base products add the LoRA output; this run has lora.enabled="
+        f"{str(lora.enabled).lower()}, quant.compiled_dequant={str(q.compiled_dequant).lower()}, lora.fused_add="
+        f"{str(lora.fused_add).lower()}, lora.lean_dropout={str(lora.lean_dropout).lower()}. It needs LoRA and "
+        "quant.compiled_dequant=true (whose layers it adds in), and neither lora.fused_add (the add in lora_B's "
+        "product instead) nor lora.lean_dropout. Set it false or change those",
+    )
+    need(
         not lora.hash_dropout
         or (lora.enabled and lora.dropout > 0 and r.backend is Backend.hf and not lora.lean_dropout),
         f"lora.hash_dropout=true draws each LoRA layer's dropout masks from a hash; this run has lora.enabled="

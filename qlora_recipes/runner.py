@@ -567,8 +567,8 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
     """Per-block speed settings, before accelerate wraps the model: `lora.lean_dropout` folds each LoRA layer's
     dropout into its A projection (lean_dropout.py), `lora.fused_add` makes its B product, scale and add one
     addmm (fused_add.py), `lora.hash_dropout` draws its dropout masks from a hash (hash_dropout.py),
-    `quant.compiled_dequant` routes the nf4 layers
-    through torch-op dequantization (dequant.py), `trainer.torch_compile` compiles each decoder
+    `quant.compiled_dequant` routes the nf4 layers through torch-op dequantization (dequant.py), `lora.add_in_base`
+    has their base product add the LoRA output (add_in_base.py), `trainer.torch_compile` compiles each decoder
     block in place (the blocks share one compiled graph; parameter names stay as they are),
     `trainer.checkpoint_sublayers` checkpoints (and compiles) each block as attention, then MLP, and
     `dist.zero3_leaf_blocks` has ZeRO-3 fetch each block's parameters as one unit instead of hooking its submodules."""
@@ -645,6 +645,15 @@ def tune_blocks(model: Any, recipe: RecipeConfig) -> None:
         log.info(
             "trainer.keep_projections: the recomputes reuse the frozen outputs of %s from the first forward",
             ", ".join(recipe.trainer.keep_projections),
+        )
+    if recipe.lora.add_in_base:  # after keep_projections routes its bases, before lean_recompute subclasses these
+        from qlora_recipes import add_in_base
+
+        installed(
+            add_in_base.install(model),
+            "lora.add_in_base=true, but no LoRA layer sits on a base it can add to (a routed nf4 layer without bias "
+            "whose output trainer.keep_projections does not keep, with a single plain adapter). Set it false",
+            "lora.add_in_base: %d LoRA layers have their B output added by the base product",
         )
     if recipe.trainer.lean_recompute:
         from qlora_recipes import lean_recompute

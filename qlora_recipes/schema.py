@@ -253,6 +253,11 @@ class LoraConfig:
     # bench's `optimized` turns it on on GPUs. Needs LoRA with dropout > 0, backend=hf, not lora.lean_dropout (which
     # draws its own masks)
     hash_dropout: bool = False
+    # With quant.compiled_dequant: each LoRA layer's lora_B product first, then the nf4 base product as one addmm that
+    # adds it, scaled, in the GEMM's epilogue (add_in_base.py): the kernel consuming the layer's output reads one
+    # full-width tensor instead of two. Same arithmetic to float rounding. Not for layers whose output
+    # trainer.keep_projections keeps. Needs LoRA, quant.compiled_dequant, not lora.fused_add or lora.lean_dropout
+    add_in_base: bool = False
 
 
 @dataclass

@@ -673,6 +673,25 @@ def test_fused_add_keeps_the_loss_and_gradients(recipe_of, tiny_checkpoint, quan
     assert not bad, [n.split("model.layers.")[-1].replace(".default.weight", "") for n in bad]
 
 
+def routes_like_peft(model, install, flag, atol):
+    """`install` on the model as trained routes its 14 LoRA layers (again: no more), the logits stay PEFT's (float32:
+    to rounding, `atol`), and with adapters disabled the routed layers leave the base model's; returns block 0's
+    down_proj."""
+    from qlora_recipes.fused_add import adapter_of
+
+    as_trained(model)
+    ids = torch.arange(3, 30).unsqueeze(0)
+    expected = model(input_ids=ids).logits
+    assert install(model) == 14 and install(model) == 14  # again: already routed
+    assert sum(getattr(m, flag, False) for m in model.modules()) == 14
+    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=atol)
+    layer = decoder_blocks(model)[0].mlp.down_proj
+    with model.disable_adapter():
+        assert adapter_of(layer) is None
+        torch.testing.assert_close(model(input_ids=ids).logits, model.get_base_model()(input_ids=ids).logits)
+    return layer
+
+
 def test_fused_add_leaves_layers_it_does_not_know_to_peft(recipe_of, tiny_checkpoint):
     """The routed layers compute PEFT's output (float32: to rounding); a layer switched to a state the fused forward
     does not compute (merged adapters, adapters disabled) runs PEFT's own forward, as does one whose base output and
@@ -680,16 +699,7 @@ def test_fused_add_leaves_layers_it_does_not_know_to_peft(recipe_of, tiny_checkp
     from qlora_recipes import fused_add
 
     recipe, model = tiny_model(recipe_of, tiny_checkpoint, "quant=none")
-    as_trained(model)
-    ids = torch.arange(3, 30).unsqueeze(0)
-    expected = model(input_ids=ids).logits
-    assert fused_add.install(model) == 14 and fused_add.install(model) == 14  # again: already routed
-    assert sum(getattr(m, "fused_add", False) for m in model.modules()) == 14
-    torch.testing.assert_close(model(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-6)
-    layer = decoder_blocks(model)[0].mlp.down_proj
-    with model.disable_adapter():
-        assert fused_add.adapter_of(layer) is None
-        torch.testing.assert_close(model(input_ids=ids).logits, model.get_base_model()(input_ids=ids).logits)
+    layer = routes_like_peft(model, fused_add.install, "fused_add", atol=1e-6)
     layer.merged_adapters = ["default"]
     assert fused_add.adapter_of(layer) is None
     layer.merged_adapters = []
@@ -714,6 +724,82 @@ def test_a_run_with_fused_add_trains_and_saves_an_adapter_peft_loads(train_run):
         "lora.dropout=0.1",
         "lora.fused_add=true",
         logged="lora.fused_add: 14 LoRA layers add their B product",
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides,addmms",
+    [
+        ((), 28),
+        (("trainer.lean_recompute=true", "trainer.keep_projections=[q_proj,k_proj,v_proj]"), 12),
+    ],
+)
+def test_add_in_base_keeps_the_loss_and_gradients(recipe_of, tiny_checkpoint, overrides, addmms):
+    """lora.add_in_base on compiled sublayer checkpoints with LoRA dropout and the routed nf4 layers (float32 tiny
+    Llama; alone and under lean_recompute and keep_projections): the same loss and gradients as PEFT's layers, with
+    each reached layer's base product an addmm in the first forward (14 layers; 8 with q/k/v kept, whose outputs stay
+    the base's alone) and in each recompute (14; 4 under lean_recompute, which skips o_proj's and down_proj's, with
+    q/k/v kept); the backward runs as many matrix products."""
+    results = {}
+    for added in (False, True):
+        step = f"lora.add_in_base={str(added).lower()}"
+        model = sublayer_model(recipe_of, tiny_checkpoint, "nf4 quant.compiled_dequant=true", True, *overrides, step)
+        results[added] = (*seeded_step(model), op_calls(model, ("aten::addmm",), forward=True))
+    (loss, grads, products, plain_addmms), (added_loss, added_grads, added_products, added_addmms) = results.values()
+    assert (plain_addmms, added_addmms) == (0, addmms)
+    assert added_products == products
+    torch.testing.assert_close(added_loss, loss, rtol=1e-6, atol=0)
+    assert added_grads.keys() == grads.keys() and len(grads) == 28
+    # float32 rounding apart (the GEMM scales and adds before rounding): ~1e-6 of each gradient's largest element
+    bad = [n for n, g in grads.items() if (added_grads[n] - g).abs().max() > 1e-5 * g.abs().max()]
+    assert not bad, [n.split("model.layers.")[-1].replace(".default.weight", "") for n in bad]
+
+
+def test_add_in_base_leaves_layers_it_does_not_reach_to_peft(recipe_of, tiny_checkpoint):
+    """Only LoRA layers on routed nf4 bases are routed, and their output is PEFT's (float32: to rounding); a layer
+    switched to a state the forward does not compute (adapters disabled or merged), or whose base output is kept for
+    the recompute, runs PEFT's own forward."""
+    from qlora_recipes import add_in_base, dequant
+
+    recipe, model = tiny_model(recipe_of, tiny_checkpoint, "quant=nf4")
+    assert add_in_base.install(model) == 0  # bitsandbytes' own layers: nothing to add in
+    assert dequant.install(model) == 14
+    layer = routes_like_peft(model, add_in_base.install, "add_in_base", atol=1e-5)
+    x = torch.randn(1, 5, layer.in_features)
+    peft = type(layer).__mro__[1].forward  # PEFT's class, the routed one's parent
+    torch.testing.assert_close(layer(x), peft(layer, x), rtol=1e-5, atol=1e-6)
+    compute_dtype, layer.base_layer.compute_dtype = layer.base_layer.compute_dtype, torch.bfloat16
+    torch.testing.assert_close(layer(x), peft(layer, x), rtol=0, atol=0)  # a float32 input, wider: PEFT's forward
+    layer.base_layer.compute_dtype = compute_dtype
+    layer.base_layer.kept_output = True  # as keep_projections routes a base: not reached, PEFT's forward exactly
+    assert not add_in_base.reaches(layer)
+    torch.testing.assert_close(layer(x), peft(layer, x), rtol=0, atol=0)
+
+
+def test_add_in_base_needs_a_layer_it_reaches(recipe_of, tiny_checkpoint):
+    recipe, model = tiny_model(
+        recipe_of,
+        tiny_checkpoint,
+        "quant=nf4",
+        "trainer.torch_compile=true",
+        "quant.compiled_dequant=true",
+        "lora.use_dora=true",
+        "lora.add_in_base=true",
+    )
+    with pytest.raises(RecipeError, match="no LoRA layer sits on a base it can add to"):
+        tune_blocks(model, recipe)
+
+
+def test_a_run_with_add_in_base_trains_and_saves_an_adapter_peft_loads(train_run):
+    """Through the CLI on the 4-bit tiny model, compiled with the routed nf4 layers: the runner routes every LoRA
+    layer, the run trains, and the saved adapter (PEFT's own format) reloads to the same logits."""
+    trains_and_reloads(
+        train_run,
+        "lora.dropout=0.1",
+        "trainer.torch_compile=true",
+        "quant.compiled_dequant=true",
+        "lora.add_in_base=true",
+        logged="lora.add_in_base: 14 LoRA layers have their B output added by the base product",
     )
 
 

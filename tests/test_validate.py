@@ -56,6 +56,18 @@ GPU = Device(kind="cuda", count=1, bf16=True)
         ),
         (("lora.fused_add=true", "lora=none"), None, "lora.enabled=false, backend=hf"),
         (("lora.fused_add=true", "dist=zero3", "dist.num_processes=2"), GPU, "dist=zero3. It needs LoRA, backend=hf"),
+        (("lora.add_in_base=true",), None, "quant.compiled_dequant=false, lora.fused_add=false"),
+        (
+            (
+                "lora.add_in_base=true",
+                "lora.fused_add=true",
+                "quant.compiled_dequant=true",
+                "trainer.torch_compile=true",
+            ),
+            None,
+            "lora.fused_add=true, lora.lean_dropout=false. It needs",
+        ),
+        (("lora.add_in_base=true", "lora=none"), None, "lora.enabled=false, quant.compiled_dequant"),
         (("lora.hash_dropout=true", "lora.dropout=0"), None, "lora.hash_dropout=true draws"),
         (("lora.hash_dropout=true", "lora=none"), None, "lora.enabled=false, lora.dropout"),
         (("lora.hash_dropout=true", "lora.dropout=0.1", "lora.lean_dropout=true"), None, "lora.lean_dropout=true. It"),
