@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from qlora_recipes.fused_add import adapter_of
+from qlora_recipes.fused_add import adapter_of, subclass
 
 
 def reaches(layer: Any) -> bool:
@@ -56,11 +56,7 @@ def forward(self: Any, peft_forward: Any, x: torch.Tensor, *args: Any, **kwargs:
 def routed(cls: type) -> type:
     """The subclass of a 4-bit LoRA layer class whose base product adds the LoRA output: one per class, so that
     every block's layers share one type and a compiled block one graph. lean_recompute's routing subclasses it."""
-
-    def add_in_base_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return forward(self, cls.forward, x, *args, **kwargs)
-
-    return type(cls.__name__, (cls,), {"forward": add_in_base_forward, "add_in_base": True})
+    return subclass(cls, forward, "add_in_base")
 
 
 def install(model: Any) -> int:

@@ -22,8 +22,8 @@ setting that changes the arithmetic shows here (issue 6 holds the optimized path
 The default variants are `plain` (the original flow: no compile, no Liger) and `optimized` (this
 project's speed settings; docs/performance.md says which pay). A variant's `cuda:KEY=VALUE` overrides apply only where
 it trains on a CUDA GPU, in order, as many as the recipe admits together (optimized's checkpoint offload, sublayer
-checkpoints, lean recompute, kept q/k/v outputs, micro-batch of 4 and hashed LoRA dropout masks); bench runs it
-without the rest and says why.
+checkpoints, lean recompute, kept q/k/v outputs, micro-batch of 4, hashed LoRA dropout masks and compiled nf4
+dequantization); bench runs it without the rest and says why.
 """
 
 from __future__ import annotations

@@ -77,15 +77,21 @@ def kinds() -> tuple[type, ...]:
     return (LoraLinear, Linear4bit, Linear8bitLt)
 
 
+def subclass(cls: type, routed_forward: Any, flag: str) -> type:
+    """A subclass of the LoRA layer class `cls`, of the same name and marked by the attribute `flag`, whose forward is
+    `routed_forward(self, cls.forward, x, ...)`: the class's own forward is what it falls back on."""
+
+    def forward_(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return routed_forward(self, cls.forward, x, *args, **kwargs)
+
+    return type(cls.__name__, (cls,), {"forward": forward_, flag: True})
+
+
 @functools.cache
 def routed(cls: type) -> type:
     """The subclass of a LoRA layer class whose forward fuses the add: one per class, so that every block's layers
     share one type and a compiled block one graph. Other routings (lean_recompute's) subclass it."""
-
-    def fused_forward(self: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return forward(self, cls.forward, x, *args, **kwargs)
-
-    return type(cls.__name__, (cls,), {"forward": fused_forward, "fused_add": True})
+    return subclass(cls, forward, "fused_add")
 
 
 def install(model: Any) -> int:
