@@ -2,9 +2,9 @@
 
 It writes a random-weight checkpoint of `bench.shape` (speed and memory do not depend on the weight
 values) with a word-level tokenizer of the shape's vocabulary, and synthetic chat rows long enough to fill
-packed sequences. Each of `bench.variants` (name -> Hydra overrides) then trains in its own process, as
-`run` would (one process, or the recipe's accelerate launch), for warm-up + measured optimizer steps; the
-runner's step clock gives every step's wall time and real (non-padding) tokens. Results: bench.json and
+packed sequences. Each of `bench.variants`, then of `bench.extra_variants` (name -> Hydra overrides), trains in
+its own process, as `run` would (one process, or the recipe's accelerate launch), for warm-up + measured optimizer
+steps; the runner's step clock gives every step's wall time and real (non-padding) tokens. Results: bench.json and
 bench.md in the bench dir.
 
 Figures: tokens/s per GPU = median over the measured steps of (real tokens in the step / step seconds)
@@ -368,7 +368,8 @@ def traced_steps(profile_step: int | None) -> str:
 
 
 def parse_variants(entries: list[str]) -> dict[str, list[str]]:
-    """bench.variants entries, "NAME" or "NAME: override override ...", as name -> overrides."""
+    """bench.variants (then bench.extra_variants) entries, "NAME" or "NAME: override override ...", as name ->
+    overrides; an override `@NAME` stands for an earlier entry's overrides, in its place."""
     parsed: dict[str, list[str]] = {}
     for entry in entries:
         name, _, rest = entry.partition(":")
@@ -378,7 +379,15 @@ def parse_variants(entries: list[str]) -> dict[str, list[str]]:
                 f"bench.variants entry {entry!r}: each is 'NAME' or 'NAME: overrides' with a unique name of letters, "
                 "digits, - or _"
             )
-        parsed[name] = rest.split()
+        overrides = []
+        for override in rest.split():
+            if override.startswith("@") and override[1:] not in parsed:
+                raise RecipeError(
+                    f"bench.variants entry {entry!r}: {override} names no earlier entry (earlier: "
+                    f"{', '.join(parsed) or 'none'}); '@NAME' stands for an earlier entry's overrides"
+                )
+            overrides += parsed[override[1:]] if override.startswith("@") else [override]
+        parsed[name] = overrides
     return parsed
 
 
@@ -473,8 +482,11 @@ def run_bench(overrides: list[str]) -> list[Measured]:
             "trains on preference pairs. Bench an SFT recipe of the same model (e.g. +recipe=smollm2_chatml)"
         )
     cfg = resolved.recipe.bench
-    if cfg.steps < 1 or cfg.warmup < 0 or not cfg.variants:
-        raise RecipeError("bench needs bench.steps >= 1, bench.warmup >= 0 and at least one bench.variants entry")
+    entries = list(cfg.variants) + list(cfg.extra_variants)
+    if cfg.steps < 1 or cfg.warmup < 0 or not entries:
+        raise RecipeError(
+            "bench needs bench.steps >= 1, bench.warmup >= 0 and at least one bench.variants or bench.extra_variants entry"
+        )
     shape = SHAPES[cfg.shape]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     bench_dir = Path(
@@ -488,7 +500,7 @@ def run_bench(overrides: list[str]) -> list[Measured]:
     name_, gpu = resolved.recipe.name, device_name()
     plans = []
     left_out = []
-    for name, extra in parse_variants(list(cfg.variants)).items():
+    for name, extra in parse_variants(entries).items():
         extra, variant, why = variant_overrides(name, extra, overrides, resolved, traced_steps(profile_step))
         plans.append((name, extra, variant))
         left_out += [why] if why else []

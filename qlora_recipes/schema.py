@@ -436,6 +436,9 @@ class BenchConfig:
             "cuda:trainer.micro_batch_size>=4 cuda:lora.hash_dropout=true cuda:quant.compiled_dequant=true",
         ]
     )
+    # run after bench.variants, in this order: candidates beside the default pair without restating it; an override
+    # @NAME stands for an earlier entry's overrides, e.g. 'bench.extra_variants=["r16: @optimized lora.r=16"]'
+    extra_variants: List[str] = field(default_factory=list)
     profile: bool = False  # trace the last measured step of each variant with torch.profiler (left out of the figures)
 
 

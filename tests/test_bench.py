@@ -46,13 +46,17 @@ def test_word_tokenizer_gives_one_token_per_word():
             ["plain", "fsdp: dist=fsdp trainer.batch_size=8"],
             {"plain": [], "fsdp": ["dist=fsdp", "trainer.batch_size=8"]},
         ),
+        (  # @NAME: an earlier entry's overrides in its place, before and after the entry's own
+            ["a: x=1 y=2", "b: w=0 @a z=3", "c: @b"],
+            {"a": ["x=1", "y=2"], "b": ["w=0", "x=1", "y=2", "z=3"], "c": ["w=0", "x=1", "y=2", "z=3"]},
+        ),
     ],
 )
 def test_parse_variants(entries, parsed):
     assert bench.parse_variants(entries) == parsed
 
 
-@pytest.mark.parametrize("entries", [["a", "a"], [": dist=fsdp"], ["bad name: x=1"]])
+@pytest.mark.parametrize("entries", [["a", "a"], [": dist=fsdp"], ["bad name: x=1"], ["a: @b", "b: x=1"], ["a: @a"]])
 def test_parse_variants_rejects_bad_entries(entries):
     with pytest.raises(RecipeError, match="bench.variants"):
         bench.parse_variants(entries)
@@ -257,6 +261,13 @@ def test_at_least_explains_what_it_needs(recipe_of, override):
         bench.at_least([override], recipe_of().recipe)
 
 
+def test_bench_needs_a_variant(tmp_path, capsys):
+    args = ["bench", "+recipe=llama2_chatml", "bench.shape=tiny", "bench.variants=[]", f"output_dir={tmp_path / 'b'}"]
+    assert cli.main(args) == 2
+    assert "at least one bench.variants or bench.extra_variants entry" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+
+
 def test_bench_runs_each_variant_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "bench"
     args = [
@@ -267,7 +278,8 @@ def test_bench_runs_each_variant_and_writes_the_table(tmp_path, capsys):
         "bench.warmup=1",
         "bench.profile=true",
         "trainer.max_seq_len=128",
-        'bench.variants=[plain,"r4: lora.r=4 trainer.profile_python=true"]',  # r4's trace records Python calls
+        "bench.variants=[plain]",
+        'bench.extra_variants=["r4: lora.r=4 trainer.profile_python=true"]',  # r4's trace records Python calls
         f"output_dir={out}",
     ]
     assert cli.main(args) == 0
