@@ -381,12 +381,15 @@ def parse_variants(entries: list[str]) -> dict[str, list[str]]:
             )
         overrides = []
         for override in rest.split():
-            if override.startswith("@") and override[1:] not in parsed:
+            if not override.startswith("@"):
+                overrides.append(override)
+            elif override[1:] in parsed:
+                overrides += parsed[override[1:]]
+            else:
                 raise RecipeError(
                     f"bench.variants entry {entry!r}: {override} names no earlier entry (earlier: "
                     f"{', '.join(parsed) or 'none'}); '@NAME' stands for an earlier entry's overrides"
                 )
-            overrides += parsed[override[1:]] if override.startswith("@") else [override]
         parsed[name] = overrides
     return parsed
 
