@@ -7,8 +7,9 @@ whether the packed step's token count itself (which cuBLAS's tile choice depends
 
 Per token count: the forward (and recompute) products x @ W.t() and the input-gradient products grad_y @ W of the
 seven projections of one Llama-2-7B block, in microseconds, and the rate counting 2 * tokens * in * out a product.
-With PASSES > 1 the block's time is the median over the passes, and the spread (max / min) is printed with it, so
-that clock changes (power, heat) show as spread rather than as a difference between token counts.
+With PASSES > 1 the block's time is the median over the passes (of an even count, the middle two's mean), and the
+spread (max / min) is printed with it, so that clock changes (power, heat) show as spread rather than as a difference
+between token counts.
 """
 
 import os
@@ -70,7 +71,11 @@ def main() -> None:
         for tokens in order:
             times[tokens].append(block_us(tokens, weights, d))
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {library} bf16; us a block (7 projections)")
-    print(f"{passes} pass(es); the median pass by block time, spread = slowest / fastest pass")
+    print(
+        f"{passes} pass(es); block us: the median over the passes (of an even count, the middle two's mean); forward "
+        "and input-grad us: the middle pass by block time (of an even count, the slower middle one); spread: slowest "
+        "pass / fastest"
+    )
     print("| tokens | tokens % 128 | forward us | input-grad us | block us | spread | ns a token | TFLOP/s |")
     print("|---|---|---|---|---|---|---|---|")
     for tokens in tokens_list:
