@@ -376,7 +376,7 @@ def parse_variants(entries: list[str]) -> dict[str, list[str]]:
         name = name.strip()
         if not name or not name.replace("_", "").replace("-", "").isalnum() or name in parsed:
             raise RecipeError(
-                f"bench.variants entry {entry!r}: each is 'NAME' or 'NAME: overrides' with a unique name of letters, "
+                f"bench.variants/extra_variants entry {entry!r}: each is 'NAME' or 'NAME: overrides' with a unique name of letters, "
                 "digits, - or _"
             )
         overrides = []
@@ -387,7 +387,7 @@ def parse_variants(entries: list[str]) -> dict[str, list[str]]:
                 overrides += parsed[override[1:]]
             else:
                 raise RecipeError(
-                    f"bench.variants entry {entry!r}: {override} names no earlier entry (earlier: "
+                    f"bench.variants/extra_variants entry {entry!r}: {override} names no earlier entry (earlier: "
                     f"{', '.join(parsed) or 'none'}); '@NAME' stands for an earlier entry's overrides"
                 )
         parsed[name] = overrides

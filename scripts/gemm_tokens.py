@@ -18,22 +18,10 @@ import statistics
 import sys
 
 import torch
+from lora_gemms import timed  # scripts/ is on the path when this runs as a script
 
 SHAPES = [(4096, 4096, 4), (4096, 11008, 2), (11008, 4096, 1)]  # (in, out, projections of a block)
 DEFAULT = [7168, 7183, 7232, 7296, 7313, 7424, 8064, 8128, 8131, 8132, 8133, 8192]
-
-
-def timed(a, b, repeats=30):
-    out = torch.mm(a, b)
-    for _ in range(5):
-        torch.mm(a, b, out=out)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        torch.mm(a, b, out=out)
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats * 1e3
 
 
 def block_us(tokens, weights, d):
@@ -43,8 +31,8 @@ def block_us(tokens, weights, d):
         w = weights[(width_in, width_out)]
         x = torch.randn(tokens, width_in, **d)
         grad_y = torch.randn(tokens, width_out, **d)
-        forward += count * timed(x, w.t())
-        backward += count * timed(grad_y, w)
+        forward += count * timed(x, w.t(), 30)[0]
+        backward += count * timed(grad_y, w, 30)[0]
     return forward, backward
 
 
