@@ -18,16 +18,15 @@ import statistics
 import sys
 
 import torch
-from lora_gemms import timed  # scripts/ is on the path when this runs as a script
+from lora_gemms import BLOCK_SHAPES, timed  # scripts/ is on the path when this runs as a script
 
-SHAPES = [(4096, 4096, 4), (4096, 11008, 2), (11008, 4096, 1)]  # (in, out, projections of a block)
 DEFAULT = [7168, 7183, 7232, 7296, 7313, 7424, 8064, 8128, 8131, 8132, 8133, 8192]
 
 
 def block_us(tokens, weights, d):
     """(forward us, input-gradient us) of one block's seven base products at this token count."""
     forward = backward = 0.0
-    for width_in, width_out, count in SHAPES:
+    for width_in, width_out, count in BLOCK_SHAPES:
         w = weights[(width_in, width_out)]
         x = torch.randn(tokens, width_in, **d)
         grad_y = torch.randn(tokens, width_out, **d)
@@ -52,7 +51,7 @@ def main() -> None:
     library = os.environ.get("BLAS", "cublas")
     torch.backends.cuda.preferred_blas_library(library)
     d = dict(device="cuda", dtype=torch.bfloat16)
-    weights = {(i, o): torch.randn(o, i, **d) / 64 for i, o, _ in SHAPES}
+    weights = {(i, o): torch.randn(o, i, **d) / 64 for i, o, _ in BLOCK_SHAPES}
     times: dict[int, list[tuple[float, float]]] = {t: [] for t in tokens_list}
     for done in range(passes):
         order = list(tokens_list) if done == 0 else random.Random(done).sample(tokens_list, len(tokens_list))
@@ -70,7 +69,7 @@ def main() -> None:
         totals = [f + b for f, b in times[tokens]]
         forward, backward = sorted(times[tokens], key=sum)[len(totals) // 2]
         total = statistics.median(totals)
-        flops = 2 * 2 * tokens * sum(i * o * c for i, o, c in SHAPES)
+        flops = 2 * 2 * tokens * sum(i * o * c for i, o, c in BLOCK_SHAPES)
         print(
             f"| {tokens} | {tokens % 128} | {forward:.0f} | {backward:.0f} | {total:.0f} | {max(totals) / min(totals):.3f} "
             f"| {total / tokens * 1e3:.1f} | {flops / total / 1e6:.0f} |",

@@ -8,6 +8,8 @@ import sys
 
 import torch
 
+BLOCK_SHAPES = [(4096, 4096, 4), (4096, 11008, 2), (11008, 4096, 1)]  # Llama-2-7B: (in, out, projections a block)
+
 
 def products(tokens, width_in, width_out, r=8):
     """(name, a, b): the products of x (tokens x in) through a frozen W (out x in) and LoRA A (r x in), B (out x r)."""
@@ -46,7 +48,7 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {tokens} tokens, bf16, r=8")
     print("| shape (in -> out) | product | cuBLAS us | cuBLASLt us | least MB | GB/s (best) | TFLOP/s (best) |")
     print("|---|---|---|---|---|---|---|")
-    for width_in, width_out in [(4096, 4096), (4096, 11008), (11008, 4096)]:
+    for width_in, width_out, _ in BLOCK_SHAPES:
         for name, a, b in products(tokens, width_in, width_out):
             times = []
             for library in ("cublas", "cublaslt"):
